@@ -1,0 +1,3 @@
+"""Datasets (registry kind ``dataset``): each returns samples {image, mask, text, id}."""
+
+from segrouter.datasets import synthetic  # noqa: F401  (registers built-ins)

@@ -1,0 +1,252 @@
+"""Recipes: omegaconf YAML with ``base:`` inheritance and ``key=value`` overrides, validated up front.
+
+A recipe is data, never code: YAML is read with omegaconf's safe loader (no ``!!python`` tags) and
+interpolations are resolved without custom resolvers. Validation happens in two passes before anything is
+built: the fixed top-level schema (keys and types, via omegaconf structured configs), then every component
+node against its registered constructor (see :mod:`segrouter.registry`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from segrouter.errors import RecipeError, did_you_mean
+from segrouter.registry import registry
+
+MODEL_COMPONENTS: dict[str, str] = {
+    "vision_encoder": "vision_encoder",
+    "compressor": "compressor",
+    "llm": "llm",
+    "routing": "routing",
+    "mask_decoder": "mask_decoder",
+}
+
+
+@dataclass
+class LossConfig:
+    """LISA's weights: text cross-entropy + per-pixel BCE + Dice."""
+
+    ce_weight: float = 1.0
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    vision_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "timm_vit"})
+    compressor: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})
+    llm: dict[str, Any] = field(default_factory=lambda: {"name": "hf_causal"})
+    routing: dict[str, Any] = field(default_factory=lambda: {"name": "full"})
+    mask_decoder: dict[str, Any] = field(default_factory=lambda: {"name": "sam"})
+    image_size: int = 64
+    num_mask_tokens: int = 1
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class DataConfig:
+    dataset: dict[str, Any] = field(default_factory=lambda: {"name": "synthetic"})
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    num_workers: int = 0
+    prompt: str = "segment {expression}"
+    answer: str = "it is {mask_tokens}"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 0
+    scheduler: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class DeepSpeedConfig:
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = -1
+    max_epochs: int | None = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int | None = 1
+    log_every_n_steps: int = 10
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    num_sanity_val_steps: int = 0
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    monitor: str | None = "val/ciou"
+    mode: str = "max"
+    save_last: bool = True
+    save_top_k: int = 1
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class MetricsConfig:
+    flops_batches: int = 2  # eval batches per epoch whose LLM FLOPs are counted (0 = off)
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    plugins: list[str] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}", fix="check the path (recipes live in recipes/)")
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text)  # refuses !!python tags: recipes are data
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"invalid YAML{line}: {problem}", where=str(path), fix="fix the YAML syntax") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe: {exc}", where=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a mapping of keys", where=str(path), fix="start the file with 'name: ...'")
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException as exc:
+        raise RecipeError(f"cannot parse recipe: {exc}", where=str(path)) from None
+
+
+def _load_with_bases(path: Path, stack: tuple[Path, ...]) -> DictConfig:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(p.name for p in (*stack, path))
+        raise RecipeError(f"inheritance cycle: {chain}", where=str(path), fix="remove one of the 'base:' entries")
+    cfg = _read_yaml(path)
+    bases = cfg.pop("base", None)
+    if bases is None:
+        return cfg
+    if isinstance(bases, str):
+        bases = [bases]
+    elif not OmegaConf.is_list(bases):
+        raise RecipeError("'base' must be a recipe path or a list of them", where=f"{path}: base")
+    merged = OmegaConf.create({})
+    for b in bases:
+        if not isinstance(b, str):
+            raise RecipeError(f"base entry {b!r} is not a path", where=f"{path}: base")
+        base_path = (path.parent / b) if not Path(b).is_absolute() else Path(b)
+        if not base_path.is_file():
+            raise RecipeError(
+                f"base recipe not found: {b}",
+                where=f"{path}: base",
+                fix=f"paths are relative to {path.parent}",
+            )
+        merged = OmegaConf.merge(merged, _load_with_bases(base_path, (*stack, path)))
+    return OmegaConf.merge(merged, cfg)
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for o in overrides:
+        if "=" not in o:
+            raise RecipeError(f"override '{o}' is not key=value", fix="write overrides like trainer.max_steps=100")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise RecipeError(f"bad override: {exc.msg if hasattr(exc, 'msg') else exc}", fix="write key=value") from None
+
+
+def _schema_error(exc: OmegaConfBaseException, schema: DictConfig) -> RecipeError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    msg = getattr(exc, "msg", str(exc)).splitlines()[0]
+    parent_path, _, leaf = str(key).rpartition(".")
+    parent = OmegaConf.select(schema, parent_path) if parent_path else schema
+    known = list(parent.keys()) if isinstance(parent, DictConfig) else []
+    if "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        return RecipeError(
+            f"unknown key '{leaf}'{did_you_mean(leaf, known)}",
+            where=str(key),
+            fix=f"valid keys here: {', '.join(map(str, known))}",
+        )
+    return RecipeError(msg, where=str(key), fix="fix the value's type")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
+    """Read a recipe with its bases, apply overrides, check it against the schema and the registries."""
+    raw = _load_with_bases(Path(path), ())
+    if overrides:
+        raw = OmegaConf.merge(raw, _parse_overrides(overrides))
+    schema = OmegaConf.structured(Recipe)
+    try:
+        cfg = OmegaConf.merge(schema, raw)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise _schema_error(exc, schema) from None
+    validate_components(cfg)
+    return cfg
+
+
+def validate_components(cfg: DictConfig) -> None:
+    """Check every component node against its registry (names, parameters, types)."""
+    for key, kind in MODEL_COMPONENTS.items():
+        registry(kind).validate(OmegaConf.to_container(cfg.model[key]), where=f"model.{key}")
+    registry("dataset").validate(OmegaConf.to_container(cfg.data.dataset), where="data.dataset")
+    if cfg.model.num_mask_tokens < 1:
+        raise RecipeError("must be >= 1", where="model.num_mask_tokens")
+    if "{expression}" not in cfg.data.prompt:
+        raise RecipeError("prompt template has no {expression}", where="data.prompt", fix="e.g. 'segment {expression}'")
+    if "{mask_tokens}" not in cfg.data.answer:
+        raise RecipeError("answer template has no {mask_tokens}", where="data.answer", fix="e.g. 'it is {mask_tokens}'")
+    if cfg.optim.scheduler not in ("cosine", "constant"):
+        raise RecipeError(f"unknown scheduler '{cfg.optim.scheduler}'", where="optim.scheduler", fix="use cosine or constant")
+    if cfg.checkpoint.mode not in ("min", "max"):
+        raise RecipeError(f"mode must be min or max, got '{cfg.checkpoint.mode}'", where="checkpoint.mode")
+
+
+def component(cfg: DictConfig, key: str) -> dict[str, Any]:
+    """A component node as a plain dict, ready for ``Registry.build``."""
+    return OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)  # type: ignore[return-value]
+
+
+def save_recipe(cfg: DictConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)

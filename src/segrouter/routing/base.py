@@ -1,0 +1,148 @@
+"""The routing contract and the token bookkeeping every strategy shares.
+
+A routing strategy owns the loop over the LLM's decoder layers and decides, per layer, which tokens take
+part in attention and which go through the FFN. To save real compute (not just mask it), tokens that sit
+a layer out are physically removed from that layer's tensors: :func:`select` packs the active tokens of
+each sample to the front, the layer runs on the packed tensor, and :func:`scatter` writes the results
+back. Every token keeps its original position id, so RoPE and the causal order do not change when
+tokens are skipped (removing tokens must not shift positions — see GAP/PAYN in docs/methods).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from segrouter.llms.base import CausalLLM
+
+
+class Kind(IntEnum):
+    """What each position of the LLM sequence holds."""
+
+    PAD = 0
+    TEXT = 1
+    IMAGE = 2
+    MASK = 3
+
+
+@dataclass
+class TokenSequence:
+    """The multimodal LLM input: text, visual and mask tokens in one right-padded batch."""
+
+    embeds: torch.Tensor  # (B, L, D)
+    kinds: torch.Tensor  # (B, L) long, Kind values
+    positions: torch.Tensor  # (B, L) long position ids (0.. per sample)
+    coords: torch.Tensor  # (B, L, 2) image-token centres in [0, 1] (zeros elsewhere)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.kinds != Kind.PAD
+
+    def is_kind(self, kind: Kind) -> torch.Tensor:
+        return self.kinds == kind
+
+
+@dataclass
+class LayerStats:
+    """Tokens per sample that entered each layer's attention (as queries) and FFN."""
+
+    attn: list[torch.Tensor] = field(default_factory=list)
+    ffn: list[torch.Tensor] = field(default_factory=list)
+
+    def record(self, attn_active: torch.Tensor, ffn_active: torch.Tensor) -> None:
+        self.attn.append(attn_active.sum().detach() / attn_active.shape[0])
+        self.ffn.append(ffn_active.sum().detach() / ffn_active.shape[0])
+
+    def as_lists(self) -> dict[str, list[float]]:
+        return {"attn_tokens": [float(t) for t in self.attn], "ffn_tokens": [float(t) for t in self.ffn]}
+
+
+class RoutingStrategy(nn.Module):
+    """Runs the LLM's decoder layers over a :class:`TokenSequence`.
+
+    Subclasses implement :meth:`forward`, returning the final-norm hidden states for *every* position
+    (a token that skipped layers carries the state it last had). :meth:`setup` is called once with the
+    LLM, so strategies can create per-layer parameters of the right width.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats = LayerStats()
+
+    def setup(self, llm: CausalLLM) -> None:
+        """Create parameters that depend on the LLM shape (none by default)."""
+
+    def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def attention_bias(
+    q_pos: torch.Tensor, q_valid: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive causal mask (B, 1, Lq, Lk) by position ids, so any token subset keeps causal order.
+
+    Padding queries may look at every key: their output is discarded, and this avoids all-masked rows
+    (NaN softmax).
+    """
+    allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+    allowed = allowed | ~q_valid[:, :, None]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias[:, None]
+
+
+def select(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (B, M) of the active tokens packed to the front in original order, and their validity."""
+    counts = active.sum(dim=1)
+    m = int(counts.max()) if active.numel() else 0
+    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :m]
+    ok = torch.arange(m, device=active.device)[None, :] < counts[:, None]
+    return order, ok
+
+
+def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[b, idx[b, m]] for (B, L, ...) tensors."""
+    if x.dim() == 2:
+        return x.gather(1, idx)
+    return x.gather(1, idx[..., None].expand(*idx.shape, *x.shape[2:]))
+
+
+def scatter(x: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Write ``values`` back to positions ``idx`` of ``x`` where ``ok`` (out of place, autograd-safe)."""
+    values = torch.where(ok[..., None], values, gather(x, idx))
+    return x.scatter(1, idx[..., None].expand_as(values), values)
+
+
+def run_layer(
+    llm: CausalLLM,
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    bias: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """One whole decoder layer (attention + FFN), with activation checkpointing when the LLM asks."""
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        return layer(h, attention_mask=bias, position_embeddings=position_embeddings, position_ids=positions)
+
+    if getattr(llm, "gradient_checkpointing", False) and torch.is_grad_enabled():
+        return checkpoint(fn, hidden, use_reentrant=False)
+    return fn(hidden)
+
+
+def attention_residual(
+    layer: nn.Module, hidden: torch.Tensor, bias: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """``h + Attn(norm(h))``: the first half of a pre-norm decoder layer."""
+    out, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=position_embeddings, attention_mask=bias)
+    return hidden + out
+
+
+def ffn_update(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``FFN(norm(h))``: the residual update of the second half of a pre-norm decoder layer."""
+    return layer.mlp(layer.post_attention_layernorm(hidden))

@@ -1,0 +1,64 @@
+"""Tokenizers and the prompt format shared by every dataset and LLM.
+
+A real LLM brings its own tokenizer (a local HF directory). A randomly initialised LLM gets a word-level
+tokenizer over the dataset's closed vocabulary, so tiny models see short sequences and learn fast. Either
+way the tokenizer gains the special tokens the model relies on: one ``<image>`` placeholder (replaced by the
+visual tokens) and the mask tokens (``[SEG]``, or ``[SEG0]..[SEGk]`` for PSALM-style multi-token prompts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from segrouter.errors import SegrouterError
+
+IMAGE_TOKEN = "<image>"
+PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+
+
+def mask_token_names(num_mask_tokens: int) -> list[str]:
+    return ["[SEG]"] if num_mask_tokens == 1 else [f"[SEG{i}]" for i in range(num_mask_tokens)]
+
+
+def build_tokenizer(path: str | None, vocabulary: list[str], num_mask_tokens: int) -> PreTrainedTokenizerBase:
+    """Load the LLM's tokenizer from ``path``, or build a word-level one over ``vocabulary``."""
+    specials = [IMAGE_TOKEN, *mask_token_names(num_mask_tokens)]
+    if path:
+        if not Path(path).is_dir():
+            raise SegrouterError(f"tokenizer/LLM directory not found: {path}", fix="set model.llm.path to a local HF directory")
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+    else:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        words = sorted({w for w in vocabulary if w})
+        vocab = {t: i for i, t in enumerate([PAD, UNK, BOS, EOS, *words])}
+        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+        core.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS)
+    tok.add_special_tokens({"additional_special_tokens": specials})  # type: ignore[arg-type]
+    tok.padding_side = "right"
+    return tok
+
+
+def encode_example(
+    tok: PreTrainedTokenizerBase, expression: str, prompt: str, answer: str, num_mask_tokens: int
+) -> tuple[list[int], list[int]]:
+    """Token ids and LM labels for ``[BOS] <image> prompt answer [EOS]``; labels cover the answer only."""
+    mask_str = " ".join(mask_token_names(num_mask_tokens))
+    prefix = tok.encode(f"{IMAGE_TOKEN} " + prompt.format(expression=expression), add_special_tokens=False)
+    reply = tok.encode(answer.format(mask_tokens=mask_str), add_special_tokens=False)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    ids = bos + prefix + reply + eos
+    labels = [-100] * (len(bos) + len(prefix)) + reply + eos
+    return ids, labels
+
+
+def template_words(prompt: str, answer: str) -> list[str]:
+    """Plain words of the prompt/answer templates (they join the dataset vocabulary)."""
+    text = prompt.replace("{expression}", " ") + " " + answer.replace("{mask_tokens}", " ")
+    return text.split()

@@ -1,0 +1,116 @@
+"""A Lightning ``Trainer`` configured from the recipe: strategy, precision, checkpoints, loggers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from omegaconf import DictConfig
+
+from segrouter.errors import RecipeError
+from segrouter.recipe import save_recipe
+
+DEEPSPEED_STAGES = {"deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """Writes each checkpoint to a temporary file and renames it into place, so a run killed mid-save
+    never leaves a truncated ``last.ckpt`` behind (DeepSpeed's sharded directories are written as is)."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if isinstance(trainer.strategy, L.pytorch.strategies.DeepSpeedStrategy):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        tmp = f"{filepath}.tmp"
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier("atomic_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        for logger in trainer.loggers:
+            logger.after_save_checkpoint(self)
+
+
+class SaveRecipe(Callback):
+    """Saves the resolved recipe beside the run's logs (rank 0 only), so every run is reproducible."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and trainer.log_dir:
+            save_recipe(self.cfg, Path(trainer.log_dir) / "recipe.yaml")
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    t = cfg.trainer
+    if t.strategy in DEEPSPEED_STAGES:
+        from segrouter.training.deepspeed_cpu import make_deepspeed_strategy
+
+        return make_deepspeed_strategy(
+            DEEPSPEED_STAGES[t.strategy],
+            accelerator=t.accelerator,
+            offload_optimizer=t.deepspeed.offload_optimizer,
+            offload_parameters=t.deepspeed.offload_parameters,
+        )
+    if t.strategy.startswith("deepspeed"):
+        raise RecipeError(
+            f"unknown DeepSpeed strategy '{t.strategy}'",
+            where="trainer.strategy",
+            fix=f"use one of: {', '.join(DEEPSPEED_STAGES)}",
+        )
+    return t.strategy
+
+
+def build_loggers(cfg: DictConfig, version: int | str | None) -> list[Logger]:
+    loggers: list[Logger] = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=cfg.output_dir, name=cfg.name, version=version))
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=cfg.output_dir, name=cfg.name, version=version))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callbacks: list[Callback] | None = None) -> L.Trainer:
+    t = cfg.trainer
+    loggers = build_loggers(cfg, version)
+    run_dir = Path(loggers[0].log_dir) if loggers else Path(cfg.output_dir) / cfg.name
+    callbacks: list[Callback] = [
+        AtomicModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            monitor=cfg.checkpoint.monitor,
+            mode=cfg.checkpoint.mode,
+            save_last=cfg.checkpoint.save_last,
+            save_top_k=cfg.checkpoint.save_top_k if cfg.checkpoint.monitor else 1,
+            filename="best-{step}",
+            auto_insert_metric_name=False,
+        ),
+        SaveRecipe(cfg),
+        *(extra_callbacks or []),
+    ]
+    if t.enable_progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
+    kwargs: dict[str, Any] = {
+        k: t[k]
+        for k in (
+            "accelerator", "devices", "num_nodes", "precision", "max_steps", "max_epochs", "accumulate_grad_batches",
+            "gradient_clip_val", "val_check_interval", "check_val_every_n_epoch", "log_every_n_steps",
+            "limit_train_batches", "limit_val_batches", "limit_test_batches", "num_sanity_val_steps",
+            "deterministic", "enable_progress_bar",
+        )
+        if t[k] is not None
+    }
+    if t.strategy in DEEPSPEED_STAGES:
+        kwargs.pop("gradient_clip_val", None)  # DeepSpeed clips through its own config
+    return L.Trainer(
+        strategy=build_strategy(cfg),
+        logger=loggers or False,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        **kwargs,
+    )

@@ -1,0 +1,20 @@
+"""The contract every vision encoder meets."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class VisionEncoder(nn.Module):
+    """Maps images (B, 3, H, W) in [0, 1] to a feature map (B, out_dim, h, w).
+
+    Both the compressor (tokens for the LLM) and the mask decoder read this map, so its grid defines the
+    spatial layout every later component works on.
+    """
+
+    out_dim: int
+    grid_size: tuple[int, int]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError

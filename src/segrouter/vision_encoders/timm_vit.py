@@ -1,0 +1,87 @@
+"""A timm Vision Transformer as the vision encoder (random init, or local weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from segrouter.errors import SegrouterError
+from segrouter.registry import register
+from segrouter.vision_encoders.base import VisionEncoder
+
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+@register("vision_encoder", "timm_vit")
+class TimmViT(VisionEncoder):
+    """ViT patch features as a map. ``model_name`` picks a timm architecture (e.g. ``vit_base_patch16_224``);
+    without it a small ViT is built from ``patch_size/embed_dim/depth/num_heads``. ``weights`` loads a local
+    safetensors / torch state dict (nothing is downloaded); ``freeze`` keeps it fixed, as LISA does with CLIP.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        /,
+        *,
+        model_name: str | None = None,
+        patch_size: int = 8,
+        embed_dim: int = 128,
+        depth: int = 2,
+        num_heads: int = 4,
+        weights: str | None = None,
+        freeze: bool = False,
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise SegrouterError(
+                f"image size {image_size} is not a multiple of patch_size {patch_size}",
+                where="model.vision_encoder.patch_size",
+                fix="choose a patch size that divides the image size",
+            )
+        if model_name:
+            self.vit = timm.create_model(model_name, pretrained=False, img_size=image_size, num_classes=0, global_pool="")
+        else:
+            self.vit = VisionTransformer(
+                img_size=image_size,
+                patch_size=patch_size,
+                embed_dim=embed_dim,
+                depth=depth,
+                num_heads=num_heads,
+                num_classes=0,
+                global_pool="",
+                class_token=False,
+                dynamic_img_size=False,
+            )
+        if weights:
+            self._load(Path(weights))
+        self.out_dim = int(self.vit.embed_dim)
+        self.grid_size = tuple(self.vit.patch_embed.grid_size)  # type: ignore[assignment]
+        self.num_prefix = int(self.vit.num_prefix_tokens)
+        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        if freeze:
+            self.vit.requires_grad_(False)
+
+    def _load(self, path: Path) -> None:
+        from segrouter.checkpoints import load_state_dict
+
+        state = load_state_dict(path)
+        missing, unexpected = self.vit.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("head")]
+        if missing:
+            raise SegrouterError(
+                f"vision weights {path} do not fit the ViT: {len(missing)} missing keys (e.g. {missing[0]})",
+                where="model.vision_encoder.weights",
+                fix="check model_name / patch_size / embed_dim against the checkpoint",
+            )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.vit.forward_features((images - self.mean) / self.std)
+        x = x[:, self.num_prefix :]
+        h, w = self.grid_size
+        return x.transpose(1, 2).reshape(x.shape[0], self.out_dim, h, w)
