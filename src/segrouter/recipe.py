@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from segrouter.errors import RecipeError, did_you_mean
-from segrouter.registry import registry
+from segrouter.registry import load_plugins, registry
 
 MODEL_COMPONENTS: dict[str, str] = {
     "vision_encoder": "vision_encoder",
@@ -132,6 +132,20 @@ class Recipe:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
+COMPONENT_PATHS = (*(f"model.{k}" for k in MODEL_COMPONENTS), "data.dataset")
+
+
+def merge(base: DictConfig, override: DictConfig) -> DictConfig:
+    """``OmegaConf.merge``, except that a component node whose ``name`` changes is replaced, not merged:
+    the new component must not inherit the old one's parameters."""
+    base = base.copy()
+    for key in COMPONENT_PATHS:
+        new, old = OmegaConf.select(override, key), OmegaConf.select(base, key)
+        if isinstance(new, DictConfig) and isinstance(old, DictConfig) and "name" in new and new.get("name") != old.get("name"):
+            OmegaConf.update(base, key, {}, merge=False)
+    return OmegaConf.merge(base, override)
+
+
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", fix="check the path (recipes live in recipes/)")
@@ -179,8 +193,8 @@ def _load_with_bases(path: Path, stack: tuple[Path, ...]) -> DictConfig:
                 where=f"{path}: base",
                 fix=f"paths are relative to {path.parent}",
             )
-        merged = OmegaConf.merge(merged, _load_with_bases(base_path, (*stack, path)))
-    return OmegaConf.merge(merged, cfg)
+        merged = merge(merged, _load_with_bases(base_path, (*stack, path)))
+    return merge(merged, cfg)
 
 
 def _parse_overrides(overrides: list[str]) -> DictConfig:
@@ -212,7 +226,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
     """Read a recipe with its bases, apply overrides, check it against the schema and the registries."""
     raw = _load_with_bases(Path(path), ())
     if overrides:
-        raw = OmegaConf.merge(raw, _parse_overrides(overrides))
+        raw = merge(raw, _parse_overrides(overrides))
+    plugin_dirs = raw.get("plugins", [])
+    if not isinstance(plugin_dirs, (list, ListConfig)) or not all(isinstance(d, str) for d in plugin_dirs):
+        raise RecipeError("'plugins' must be a list of folders", where="plugins")
+    load_plugins(list(plugin_dirs))
     schema = OmegaConf.structured(Recipe)
     try:
         cfg = OmegaConf.merge(schema, raw)

@@ -43,8 +43,9 @@ class SaveRecipe(Callback):
         self.cfg = cfg
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero and trainer.log_dir:
-            save_recipe(self.cfg, Path(trainer.log_dir) / "recipe.yaml")
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if trainer.is_global_zero and log_dir:
+            save_recipe(self.cfg, Path(log_dir) / "recipe.yaml")
 
 
 def build_strategy(cfg: DictConfig) -> Any:

@@ -1,0 +1,144 @@
+"""``segrouter`` command line: fit, validate, test, list.
+
+Every user-fixable problem ends as one line on stderr and exit code 2 (see :mod:`segrouter.errors`);
+the recipe is loaded and fully validated before any model is built or any file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Any
+
+from segrouter.errors import SegrouterError
+
+_QUIET = (
+    r".*does not have many workers.*",
+    r".*The number of training batches.*",
+    r".*Checkpoint directory .* exists and is not empty.*",
+    r".*torch.utils._pytree.*",
+    r".*when logging on epoch level in distributed setting.*",  # our eval metrics are torchmetrics-synced
+    r".*isinstance\(treespec, LeafSpec\).*",
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
+    p.add_argument("--plugins", action="append", default=[], metavar="DIR", help="extra plugin folder (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. trainer.max_steps=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segrouter", description="Efficient segmentation with multimodal LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="train a recipe")
+    _common(fit)
+    fit.add_argument("--resume", action="store_true", help="resume from --ckpt, or from this recipe's newest last.ckpt")
+    fit.add_argument("--ckpt", help="checkpoint to resume from (with --resume)")
+    for name in ("validate", "test"):
+        p = sub.add_parser(name, help=f"evaluate a checkpoint on the {'val' if name == 'validate' else 'test'} split")
+        _common(p)
+        p.add_argument("--ckpt", help="checkpoint (default: the newest run's best)")
+    ls = sub.add_parser("list", help="list registered components")
+    ls.add_argument("kind", nargs="?", help="component kind (default: all)")
+    ls.add_argument("--plugins", action="append", default=[], metavar="DIR")
+    return parser
+
+
+def _prepare(args: argparse.Namespace) -> Any:
+    from segrouter.recipe import load_recipe
+    from segrouter.registry import load_builtins, load_plugins
+
+    load_builtins()
+    load_plugins(args.plugins)
+    return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    from segrouter.build import build
+    from segrouter.runs import find_resume, next_version
+    from segrouter.training.trainer import build_trainer
+
+    cfg = _prepare(args)
+    if args.ckpt and not args.resume:
+        raise SegrouterError("--ckpt on fit needs --resume", fix="add --resume to continue training from that checkpoint")
+    version, ckpt = find_resume(cfg, args.ckpt or "last") if args.resume else (None, None)
+    if version is None:
+        version = next_version(cfg)
+    model, data = build(cfg)
+    trainer = build_trainer(cfg, version=version)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+    log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+    if trainer.is_global_zero:
+        cb = trainer.checkpoint_callback
+        best = getattr(cb, "best_model_score", None)
+        metric = cfg.checkpoint.monitor
+        score = f"{metric}={float(best):.4f}" if best is not None else "no monitored score"
+        print(f"segrouter: fit done ({score}); run folder: {log_dir}; best: {getattr(cb, 'best_model_path', '')}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from segrouter.build import build
+    from segrouter.runs import find_eval_checkpoint, next_version
+    from segrouter.training.trainer import build_trainer
+
+    cfg = _prepare(args)
+    ckpt = find_eval_checkpoint(cfg, args.ckpt)
+    model, data = build(cfg)
+    trainer = build_trainer(cfg, version=next_version(cfg))
+    run = trainer.validate if args.command == "validate" else trainer.test
+    run(model, datamodule=data, ckpt_path=ckpt)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from segrouter.registry import KINDS, load_builtins, load_plugins, registry
+
+    load_builtins()
+    load_plugins(args.plugins)
+    kinds = [registry(args.kind).kind] if args.kind else list(KINDS)
+    for kind in kinds:
+        print(kind)
+        for entry in registry(kind).entries():
+            print(f"  {entry.name:<18} {entry.source}")
+            params = entry.params().values()
+            print("      " + (", ".join(p.describe() for p in params) if params else "(no parameters)"))
+
+
+COMMANDS = {"fit": cmd_fit, "validate": cmd_eval, "test": cmd_eval, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may follow options: fit --recipe R --resume a=1
+    if extra:
+        if any(x.startswith("-") for x in extra) or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        COMMANDS[args.command](args)
+    except SegrouterError as exc:
+        print(f"segrouter: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("segrouter: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _teardown_distributed()
+    return 0
+
+
+def _teardown_distributed() -> None:
+    """Destroy the process group before exit: gloo aborts the interpreter if it is torn down late."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

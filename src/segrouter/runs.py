@@ -1,0 +1,67 @@
+"""Where runs live: ``{output_dir}/{name}/version_{k}/`` with ``recipe.yaml``, ``metrics.csv`` and
+``checkpoints/`` (``last.ckpt`` and ``best-step=N.ckpt``)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from segrouter.errors import SegrouterError
+
+_VERSION_ENV = "SEGROUTER_RUN_VERSION"  # shared with DDP child processes so all ranks agree on the folder
+
+
+def versions(cfg: DictConfig) -> list[Path]:
+    root = Path(cfg.output_dir) / cfg.name
+    found = [p for p in root.glob("version_*") if re.fullmatch(r"version_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def next_version(cfg: DictConfig) -> int:
+    """A fresh version number, fixed once per launch so DDP ranks write to the same folder."""
+    if _VERSION_ENV in os.environ:
+        return int(os.environ[_VERSION_ENV])
+    existing = versions(cfg)
+    v = int(existing[-1].name.split("_")[1]) + 1 if existing else 0
+    os.environ[_VERSION_ENV] = str(v)
+    return v
+
+
+def find_resume(cfg: DictConfig, ckpt: str) -> tuple[int | None, str]:
+    """(version to continue logging in, checkpoint path) for ``--resume [CKPT]``."""
+    if ckpt != "last":
+        path = Path(ckpt)
+        if not path.exists():
+            raise SegrouterError(f"checkpoint not found: {ckpt}", fix="pass an existing .ckpt to --resume")
+        m = re.search(r"version_(\d+)", str(path.resolve().parent.parent.name))
+        return (int(m.group(1)) if m else None), str(path)
+    for v in reversed(versions(cfg)):
+        last = v / "checkpoints" / "last.ckpt"
+        if last.exists():
+            os.environ[_VERSION_ENV] = v.name.split("_")[1]
+            return int(v.name.split("_")[1]), str(last)
+    raise SegrouterError(
+        f"no last.ckpt to resume under {Path(cfg.output_dir) / cfg.name}",
+        fix="run 'segrouter fit' first, or pass a checkpoint path to --resume",
+    )
+
+
+def find_eval_checkpoint(cfg: DictConfig, ckpt: str | None) -> str:
+    """``--ckpt`` if given, else the newest run's best checkpoint (or its last)."""
+    if ckpt:
+        if not Path(ckpt).exists():
+            raise SegrouterError(f"checkpoint not found: {ckpt}", fix="pass an existing .ckpt to --ckpt")
+        return ckpt
+    for v in reversed(versions(cfg)):
+        ckpts = sorted((v / "checkpoints").glob("best-*.ckpt"), key=os.path.getmtime)
+        if ckpts:
+            return str(ckpts[-1])
+        if (v / "checkpoints" / "last.ckpt").exists():
+            return str(v / "checkpoints" / "last.ckpt")
+    raise SegrouterError(
+        f"no checkpoint found for recipe '{cfg.name}' under {cfg.output_dir}",
+        fix="pass --ckpt PATH or run 'segrouter fit' first",
+    )

@@ -1,0 +1,150 @@
+"""The command line end to end on the tiny recipe: list, plugins, fit, resume, validate/test, errors."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from segrouter.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("SEGROUTER_RUN_VERSION", None)
+    return subprocess.run(
+        [sys.executable, "-m", "segrouter.cli", *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+    )
+
+
+def _metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_list_shows_builtins_with_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("vision_encoder", "compressor", "llm", "routing", "mask_decoder", "dataset"):
+        assert f"\n{kind}\n" in f"\n{out}"
+    assert "full" in out and "segrouter.routing.full" in out and "hidden_size: int = 128" in out
+
+
+PLUGIN = '''
+from segrouter.registry import register
+from segrouter.routing.full import FullRouting
+
+
+@register("routing", "dropped_in")
+class DroppedIn(FullRouting):
+    """Full routing that also counts its calls: proof that the recipe really used the plugin."""
+
+    calls = 0
+
+    def __init__(self, *, note: str = "hi") -> None:
+        super().__init__()
+        self.note = note
+
+    def forward(self, llm, seq):
+        type(self).calls += 1
+        return super().forward(llm, seq)
+'''
+
+
+def test_plugin_file_is_listed_and_usable_from_a_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "dropped.py").write_text(PLUGIN)
+    assert main(["list", "routing", "--plugins", str(plugins)]) == 0
+    out = capsys.readouterr().out
+    assert "dropped_in" in out and str(plugins / "dropped.py") in out and "note: str = 'hi'" in out
+    rc = main(["fit", "--recipe", TINY, "--plugins", str(plugins), f"output_dir={tmp_path}/runs",
+               "model.routing.name=dropped_in", "model.routing.note=x"])
+    assert rc == 0
+    from segrouter.registry import registry
+
+    assert registry("routing").get("dropped_in").factory.calls >= 2
+    saved = (tmp_path / "runs" / "tiny" / "version_0" / "recipe.yaml").read_text()
+    assert "dropped_in" in saved
+
+
+def test_fit_two_steps_then_resume_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = f"output_dir={tmp_path}"
+    assert main(["fit", "--recipe", TINY, out_dir]) == 0
+    run = tmp_path / "tiny" / "version_0"
+    assert (run / "recipe.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    rows = _metrics(run)
+    assert {"train/loss", "val/ciou", "val/giou", "val/llm_flops", "val/visual_tokens"} <= set(rows[0])
+    assert max(int(r["step"]) for r in rows) == 1
+    assert not list(run.glob("checkpoints/*.tmp"))
+
+    os.environ.pop("SEGROUTER_RUN_VERSION", None)
+    assert main(["fit", "--recipe", TINY, out_dir, "--resume", "trainer.max_steps=4"]) == 0
+    assert not (tmp_path / "tiny" / "version_1").exists()  # continued in the same run folder
+    assert max(int(r["step"]) for r in _metrics(run) if r["step"]) == 3
+
+    os.environ.pop("SEGROUTER_RUN_VERSION", None)
+    capsys.readouterr()
+    assert main(["validate", "--recipe", TINY, out_dir]) == 0
+    os.environ.pop("SEGROUTER_RUN_VERSION", None)
+    assert main(["test", "--recipe", TINY, out_dir, "--ckpt", str(run / "checkpoints" / "last.ckpt")]) == 0
+    test_rows = _metrics(sorted((tmp_path / "tiny").glob("version_*"))[-1])
+    assert any(r.get("test/ciou") for r in test_rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["fit", "--recipe", "recipes/nope.yaml"], "recipe file not found"),
+        (["fit", "--recipe", TINY, "model.routing.name=ful"], "unknown routing 'ful' (did you mean 'full'?)"),
+        (["fit", "--recipe", TINY, "trainer.max_stepz=3"], "did you mean 'max_steps'"),
+        (["fit", "--recipe", TINY, "model.llm.num_heads=3"], "hidden_size 32 is not divisible by num_heads 3"),
+        (["fit", "--recipe", TINY, "data.dataset.image_size=48"], "differs from model.image_size"),
+        (["fit", "--recipe", TINY, "trainer.strategy=deepspeed_stage_9"], "unknown DeepSpeed strategy"),
+        (["validate", "--recipe", TINY, "output_dir=/nonexistent/runs"], "no checkpoint found for recipe 'tiny'"),
+        (["test", "--recipe", TINY, "--ckpt", "missing.ckpt"], "checkpoint not found: missing.ckpt"),
+        (["fit", "--recipe", TINY, "--plugins", "/no/such/dir"], "plugin folder /no/such/dir does not exist"),
+        (["fit", "--recipe", TINY, "--resume", "output_dir=/nonexistent"], "no last.ckpt to resume"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], fragment: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("segrouter: error:") and fragment in err[0], err
+
+
+def test_error_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: [" + TINY + "]\nmodel: {compressor: {name: mpl}}\n")
+    proc = _run("fit", "--recipe", str(bad))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "model.compressor.name: unknown compressor 'mpl' (did you mean 'mlp'?)" in proc.stderr
+
+
+def test_ddp_with_two_cpu_processes(tmp_path: Path) -> None:
+    proc = _run("fit", "--recipe", TINY, f"output_dir={tmp_path}", "trainer.strategy=ddp", "trainer.devices=2",
+                "trainer.accelerator=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "tiny" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "tiny" / "version_1").exists()  # both ranks agreed on one run folder
+    assert any(r.get("val/ciou") for r in _metrics(run))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_recipe_trains_on_cpu(tmp_path: Path, stage: int) -> None:
+    proc = _run("fit", "--recipe", TINY, f"output_dir={tmp_path}", f"trainer.strategy=deepspeed_stage_{stage}",
+                "trainer.accelerator=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "tiny" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_dir()  # DeepSpeed writes sharded checkpoint folders
+    rows = _metrics(run)
+    assert any(r.get("val/ciou") for r in rows) and all(r["train/loss"] != "nan" for r in rows if r.get("train/loss"))

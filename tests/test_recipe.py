@@ -1,0 +1,101 @@
+"""Recipes: base inheritance order, overrides, schema errors, cycles, safety."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from segrouter.errors import RecipeError
+from segrouter.recipe import load_recipe, save_recipe
+from segrouter.registry import load_builtins
+
+load_builtins()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_bases_merge_in_order_then_file_then_overrides(tmp_path: Path) -> None:
+    _write(tmp_path / "a.yaml", "name: a\nseed: 1\noptim: {lr: 0.1, weight_decay: 0.5}\n")
+    _write(tmp_path / "b.yaml", "name: b\noptim: {lr: 0.2}\n")
+    child = _write(tmp_path / "c.yaml", "base: [a.yaml, b.yaml]\ntrainer: {max_steps: 7}\n")
+    cfg = load_recipe(child)
+    assert cfg.name == "b" and cfg.seed == 1 and cfg.optim.lr == 0.2 and cfg.optim.weight_decay == 0.5
+    assert cfg.trainer.max_steps == 7
+    cfg = load_recipe(child, ["optim.lr=0.3", "name=z", "model.llm.hidden_size=64"])
+    assert cfg.optim.lr == 0.3 and cfg.name == "z" and cfg.model.llm.hidden_size == 64
+
+
+def test_nested_bases_and_interpolation(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path / "sub" / "root.yaml", "model: {image_size: 48}\n")
+    _write(tmp_path / "mid.yaml", "base: sub/root.yaml\ndata: {dataset: {name: synthetic, image_size: '${model.image_size}'}}\n")
+    cfg = load_recipe(_write(tmp_path / "top.yaml", "base: [mid.yaml]\n"))
+    assert cfg.data.dataset.image_size == 48
+
+
+def test_shipped_recipes_validate() -> None:
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    for path in sorted(root.glob("*.yaml")):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "fragment"),
+    [
+        ("trainr: {max_steps: 3}\n", [], "unknown key 'trainr' (did you mean 'trainer'?)"),
+        ("trainer: {max_step: 3}\n", [], "trainer.max_step: unknown key 'max_step' (did you mean 'max_steps'?)"),
+        ("trainer: {max_steps: many}\n", [], "trainer.max_steps"),
+        ("", ["trainer.max_steps=abc"], "trainer.max_steps"),
+        ("", ["optim.lr"], "override 'optim.lr' is not key=value"),
+        ("model: {routing: {name: fulll}}\n", [], "model.routing.name: unknown routing 'fulll' (did you mean 'full'?)"),
+        ("model: {llm: {name: hf_causal, hiden_size: 3}}\n", [], "model.llm.hiden_size: 'hiden_size' is not a parameter"),
+        ("model: {llm: {name: hf_causal, hidden_size: big}}\n", [], "model.llm.hidden_size: wrong type"),
+        ("data: {dataset: {name: refcoco9}}\n", [], "unknown dataset 'refcoco9'"),
+        ("data: {prompt: 'no placeholder'}\n", [], "data.prompt: prompt template has no {expression}"),
+        ("model: {num_mask_tokens: 0}\n", [], "model.num_mask_tokens"),
+        ("name: [unclosed\n", [], "invalid YAML"),
+        ("- a\n- b\n", [], "a recipe must be a mapping"),
+        ("base: [missing.yaml]\n", [], "base recipe not found: missing.yaml"),
+        ("x: !!python/object/apply:os.system ['echo pwned']\n", [], "invalid YAML"),
+    ],
+)
+def test_bad_recipes_fail_with_one_line(tmp_path: Path, text: str, overrides: list[str], fragment: str) -> None:
+    path = _write(tmp_path / "r.yaml", text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, overrides)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_cycle_is_detected(tmp_path: Path) -> None:
+    _write(tmp_path / "a.yaml", "base: [b.yaml]\n")
+    _write(tmp_path / "b.yaml", "base: [a.yaml]\n")
+    with pytest.raises(RecipeError, match=r"inheritance cycle: a.yaml -> b.yaml -> a.yaml"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_saved_recipe_round_trips(tmp_path: Path) -> None:
+    cfg = load_recipe(_write(tmp_path / "r.yaml", "name: rt\nmodel: {image_size: 32}\ndata: {dataset: {name: synthetic, image_size: '${model.image_size}'}}\n"))
+    save_recipe(cfg, tmp_path / "out" / "recipe.yaml")
+    again = load_recipe(tmp_path / "out" / "recipe.yaml")
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+def test_changing_a_component_name_drops_the_old_parameters(tmp_path: Path) -> None:
+    _write(tmp_path / "a.yaml", "model: {mask_decoder: {name: sam, depth: 3, embed_dim: 32}}\n")
+    cfg = load_recipe(_write(tmp_path / "b.yaml", "base: a.yaml\nmodel: {mask_decoder: {name: conv, upscale: 2}}\n"))
+    assert dict(cfg.model.mask_decoder) == {"name": "conv", "upscale": 2}
+    cfg = load_recipe(tmp_path / "a.yaml", ["model.mask_decoder.name=conv"])
+    assert dict(cfg.model.mask_decoder) == {"name": "conv"}
+    cfg = load_recipe(tmp_path / "a.yaml", ["model.mask_decoder.depth=4"])
+    assert cfg.model.mask_decoder.depth == 4 and cfg.model.mask_decoder.embed_dim == 32

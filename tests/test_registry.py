@@ -1,0 +1,128 @@
+"""Registry: registration, building with parameter checks, did-you-mean, plugin discovery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from segrouter.errors import RecipeError, SegrouterError
+from segrouter.registry import Registry, load_builtins, load_plugin_file, registry, type_matches
+
+
+class _Thing:
+    def __init__(self, width: int, /, *, depth: int = 2, ratio: float = 0.5, mode: str | None = None) -> None:
+        self.width, self.depth, self.ratio, self.mode = width, depth, ratio, mode
+
+
+def _reg() -> Registry:
+    r = Registry("thing")
+    r.register("thing_a")(_Thing)
+    return r
+
+
+def test_build_passes_context_and_params() -> None:
+    obj = _reg().build({"name": "thing_a", "depth": 3, "ratio": 1}, 64)
+    assert (obj.width, obj.depth, obj.ratio) == (64, 3, 1)
+
+
+def test_params_are_keyword_only_and_context_is_hidden() -> None:
+    entry = _reg().get("thing_a")
+    assert list(entry.params()) == ["depth", "ratio", "mode"]
+    assert entry.context() == ["width"]
+    assert entry.params()["depth"].describe() == "depth: int = 2"
+
+
+def test_unknown_name_lists_registered_and_suggests() -> None:
+    with pytest.raises(RecipeError) as err:
+        _reg().get("thing_b", where="model.thing")
+    msg = str(err.value)
+    assert "unknown thing 'thing_b'" in msg and "did you mean 'thing_a'" in msg and "registered thing names: thing_a" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("node", "fragment"),
+    [
+        ({"name": "thing_a", "detph": 3}, "'detph' is not a parameter of thing 'thing_a' (did you mean 'depth'?)"),
+        ({"name": "thing_a", "depth": "3"}, "wrong type: got '3' (str), expected int"),
+        ({"name": "thing_a", "depth": True}, "expected int"),
+        ({"name": "thing_a", "ratio": [1]}, "expected float"),
+        ({"depth": 3}, "missing component name"),
+        ("thing_a", "expected a mapping"),
+    ],
+)
+def test_validate_rejects_bad_nodes(node: object, fragment: str) -> None:
+    with pytest.raises(RecipeError, match=None) as err:
+        _reg().validate(node, where="model.thing")  # type: ignore[arg-type]
+    assert fragment in str(err.value)
+    assert str(err.value).startswith("model.thing")
+
+
+def test_required_parameter_missing() -> None:
+    class Needs:
+        def __init__(self, *, size: int) -> None:
+            self.size = size
+
+    r = Registry("thing")
+    r.register("needs")(Needs)
+    with pytest.raises(RecipeError, match="missing required parameter 'size'"):
+        r.validate({"name": "needs"}, where="x")
+
+
+def test_type_matches() -> None:
+    assert type_matches(3, int) and not type_matches(3.0, int) and type_matches(3, float)
+    assert type_matches(None, int | None) and type_matches([1, 2], list[int]) and not type_matches([1, "a"], list[int])
+    assert type_matches([1, 2], tuple[int, ...]) and type_matches({"a": 1}, dict)
+
+
+def test_duplicate_registration_is_refused() -> None:
+    r = _reg()
+
+    class Other:
+        pass
+
+    with pytest.raises(SegrouterError, match="registered twice"):
+        r.register("thing_a")(Other)
+
+
+def test_builtins_are_registered() -> None:
+    load_builtins()
+    assert "full" in registry("routing").names()
+    assert {"timm_vit"} <= set(registry("vision_encoder").names())
+    assert {"mlp"} <= set(registry("compressor").names())
+    assert {"sam", "conv"} <= set(registry("mask_decoder").names())
+    assert "synthetic" in registry("dataset").names()
+    with pytest.raises(SegrouterError, match="unknown component kind 'routin'.*did you mean 'routing'"):
+        registry("routin")
+
+
+PLUGIN = '''
+from segrouter.registry import register
+from segrouter.routing.full import FullRouting
+
+
+@register("routing", "{name}")
+class Plugged(FullRouting):
+    """A plugin strategy: full routing under another name, with one parameter."""
+
+    def __init__(self, *, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+'''
+
+
+def test_plugin_file_registers_with_its_source(tmp_path: Path) -> None:
+    f = tmp_path / "my_plugin.py"
+    f.write_text(PLUGIN.format(name="plugged_unit"))
+    load_plugin_file(f)
+    entry = registry("routing").get("plugged_unit")
+    assert str(f) in entry.source and list(entry.params()) == ["scale"]
+
+
+def test_broken_plugin_file_is_one_clear_error(tmp_path: Path) -> None:
+    f = tmp_path / "broken.py"
+    f.write_text("raise ValueError('boom')\n")
+    with pytest.raises(SegrouterError) as err:
+        load_plugin_file(f)
+    assert "broken.py failed to import: ValueError: boom" in str(err.value)
