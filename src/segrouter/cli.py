@@ -12,6 +12,8 @@ import sys
 import warnings
 from typing import Any
 
+from segrouter import bench
+from segrouter.analysis import attention
 from segrouter.errors import SegrouterError
 
 _QUIET = (
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"evaluate a checkpoint on the {'val' if name == 'validate' else 'test'} split")
         _common(p)
         p.add_argument("--ckpt", help="checkpoint (default: the newest run's best)")
+    bench.add_parser(sub)
+    attention.add_parser(sub)
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("kind", nargs="?", help="component kind (default: all)")
     ls.add_argument("--plugins", action="append", default=[], metavar="DIR")
@@ -106,7 +110,14 @@ def cmd_list(args: argparse.Namespace) -> None:
             print("      " + (", ".join(p.describe() for p in params) if params else "(no parameters)"))
 
 
-COMMANDS = {"fit": cmd_fit, "validate": cmd_eval, "test": cmd_eval, "list": cmd_list}
+COMMANDS = {
+    "fit": cmd_fit,
+    "validate": cmd_eval,
+    "test": cmd_eval,
+    "list": cmd_list,
+    "bench": bench.cmd_bench,
+    "analyze": attention.cmd_analyze,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from segrouter.model.losses import bce_loss, dice_loss
 from segrouter.model.sequence import build_sequence
 from segrouter.recipe import component
 from segrouter.registry import load_builtins, registry
-from segrouter.routing.base import RoutingStrategy, gather
+from segrouter.routing.base import RoutingStrategy, TokenSequence, gather
 from segrouter.text import IMAGE_TOKEN, mask_token_names
 
 SPLITS = ("val", "test")
@@ -67,7 +67,8 @@ class SegmentationMLLM(L.LightningModule):
         self._step_start = 0.0
 
     # ----------------------------------------------------------------------------------------- forward
-    def forward(self, batch: dict[str, Any], flops: bool = False) -> dict[str, Any]:
+    def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any, TokenSequence, torch.Tensor, torch.Tensor]:
+        """Everything before the LLM layers: (vision features, visual tokens, sequence, labels, mask positions)."""
         images = batch["image"]
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise SegrouterError(
@@ -85,6 +86,11 @@ class SegmentationMLLM(L.LightningModule):
             self.image_token_id,
             self.mask_token_ids,
         )
+        return feats, visual, seq, labels, mask_pos
+
+    def forward(self, batch: dict[str, Any], flops: bool = False) -> dict[str, Any]:
+        images = batch["image"]
+        feats, visual, seq, labels, mask_pos = self.encode(batch)
         llm_flops = None
         if flops:
             hidden, llm_flops = count_flops(lambda: self.routing(self.llm, seq))

@@ -146,3 +146,25 @@ def attention_residual(
 def ffn_update(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """``FFN(norm(h))``: the residual update of the second half of a pre-norm decoder layer."""
     return layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def attention_probs(
+    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor
+) -> torch.Tensor:
+    """Attention probabilities (B, heads, L, L) the layer would compute on ``hidden``.
+
+    Recomputed from the layer's own q/k projections and RoPE, so it works whatever attention kernel the
+    LLM runs (SDPA never returns weights). Used by attention-based token selection and by the analysis.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    b, length, _ = hidden.shape
+    normed = layer.input_layernorm(hidden)
+    q = attn.q_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)) * attn.scaling + bias
+    return scores.softmax(dim=-1)

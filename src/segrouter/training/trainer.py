@@ -106,6 +106,7 @@ def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callb
         )
         if t[k] is not None
     }
+    kwargs["check_val_every_n_epoch"] = t.check_val_every_n_epoch  # None is meaningful: validate by global step
     if t.strategy in DEEPSPEED_STAGES:
         kwargs.pop("gradient_clip_val", None)  # DeepSpeed clips through its own config
     return L.Trainer(

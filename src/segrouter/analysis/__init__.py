@@ -1,0 +1,1 @@
+"""Model analyses (attention profiles) behind ``segrouter analyze``."""

@@ -1,0 +1,234 @@
+"""``segrouter bench``: the LLM part of two recipes, side by side, on the same inputs, in one run.
+
+For each recipe it reports the FLOPs counted by ``torch.utils.flop_counter`` (what really ran), the median
+wall time of repeated forwards after warm-up (the two recipes interleaved, so drift hits both alike), the
+tokens each layer's attention and FFN computed, and the achieved speedup as a fraction of the FLOP-ideal
+one. ``--random-init SHAPE`` benchmarks a named real LLM shape with random weights and a LISA-like sequence
+(576 image tokens by default), so speed claims can be checked without checkpoints, on CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segrouter.compressors.base import grid_coords
+from segrouter.errors import SegrouterError
+from segrouter.flops import count_flops
+from segrouter.routing.base import Kind, RoutingStrategy, TokenSequence
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Qwen2-0.5B: the CPU-sized shape.
+    "qwen2-0.5b": {"family": "qwen2", "hidden_size": 896, "num_layers": 24, "num_heads": 14, "num_kv_heads": 2,
+                   "intermediate_size": 4864},
+    # LLaMA-2-7B / Vicuna-7B (LLaVA, LISA-7B): the paper-scale shape.
+    "llama-7b": {"family": "llama", "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 32,
+                 "intermediate_size": 11008},
+    # A toy shape for tests.
+    "toy": {"family": "qwen2", "hidden_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+            "intermediate_size": 256},
+}
+
+
+@dataclass
+class Measured:
+    flops: int
+    times: list[float]
+    tokens: dict[str, list[float]]
+    visual_tokens: float
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def lisa_sequence(hidden: int, image_tokens: int, text_tokens: int, num_mask_tokens: int, batch: int,
+                  device: torch.device, dtype: torch.dtype) -> TokenSequence:
+    """A LISA-shaped input: a short prompt prefix, a square grid of image tokens, the expression and the
+    answer with its mask tokens (``[SEG]``) and a last text token."""
+    side = int(math.isqrt(image_tokens))
+    if side * side != image_tokens:
+        raise SegrouterError(f"--image-tokens {image_tokens} is not a square", fix="use e.g. 576 (24×24) or 256")
+    prefix, tail = 4, 1
+    kinds = ([Kind.TEXT] * prefix + [Kind.IMAGE] * image_tokens + [Kind.TEXT] * text_tokens
+             + [Kind.MASK] * num_mask_tokens + [Kind.TEXT] * tail)
+    length = len(kinds)
+    k = torch.tensor([int(x) for x in kinds], device=device)[None].repeat(batch, 1)
+    coords = torch.zeros(batch, length, 2, device=device)
+    coords[:, prefix : prefix + image_tokens] = grid_coords(side, side, device=device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    embeds = (torch.randn(batch, length, hidden, generator=g) * 0.02).to(device=device, dtype=dtype)
+    pos = torch.arange(length, device=device)[None].repeat(batch, 1)
+    return TokenSequence(embeds, k, pos, coords)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure(runs: dict[str, Callable[[], Any]], strategies: dict[str, RoutingStrategy], visual: dict[str, float],
+            device: torch.device, warmup: int, repeats: int) -> dict[str, Measured]:
+    """Count FLOPs once per run, then time them interleaved: warm-up rounds, then ``repeats`` rounds."""
+    out: dict[str, Measured] = {}
+    with torch.no_grad():
+        for name, fn in runs.items():
+            _, flops = count_flops(fn)
+            out[name] = Measured(flops, [], strategies[name].stats.as_lists(), visual[name])
+        for r in range(warmup + repeats):
+            for name, fn in runs.items():
+                t = _timed(fn, device)
+                if r >= warmup:
+                    out[name].times.append(t)
+    return out
+
+
+def _random_init(args: argparse.Namespace, nodes: dict[str, dict[str, Any]], device: torch.device,
+                 dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy], dict[str, float], dict[str, Any]]:
+    from segrouter.registry import registry
+    from segrouter.text import build_tokenizer
+
+    if args.random_init not in SHAPES:
+        raise SegrouterError(f"unknown shape '{args.random_init}'", fix=f"shapes: {', '.join(SHAPES)}")
+    shape = dict(SHAPES[args.random_init])
+    if args.num_layers:
+        shape["num_layers"] = args.num_layers
+    tok = build_tokenizer(None, [], args.num_mask_tokens)
+    torch.manual_seed(0)
+    llm = registry("llm").build({"name": "hf_causal", **shape}, tok).to(device=device, dtype=dtype).eval()
+    seq = lisa_sequence(llm.hidden_size, args.image_tokens, args.text_tokens, args.num_mask_tokens, args.batch,
+                        device, dtype)
+    runs, strategies = {}, {}
+    for name, node in nodes.items():
+        strat = registry("routing").build(node, where=f"{name}: model.routing")
+        strat.setup(llm)
+        strat.to(device=device, dtype=dtype).eval()
+        strategies[name] = strat
+        runs[name] = (lambda s=strat: s(llm, seq))
+    info = {"shape": args.random_init, **shape, "image_tokens": args.image_tokens, "sequence_length": int(seq.kinds.shape[1])}
+    return runs, strategies, {n: float(args.image_tokens) for n in nodes}, info
+
+
+def _from_recipes(args: argparse.Namespace, cfgs: dict[str, Any], device: torch.device,
+                  dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy], dict[str, float], dict[str, Any]]:
+    from segrouter.build import build
+
+    runs, strategies, visual = {}, {}, {}
+    for name, cfg in cfgs.items():
+        model, data = build(cfg)
+        model = model.to(device=device, dtype=dtype).eval()
+        samples = [data.dataset("val")[i] for i in range(args.batch)]
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in data.collate(samples).items()}
+        batch["image"] = batch["image"].to(dtype)
+        with torch.no_grad():
+            _, vis, seq, _, _ = model.encode(batch)
+        strategies[name] = model.routing
+        visual[name] = float(vis.counts.float().mean())
+        runs[name] = (lambda m=model, s=seq: m.routing(m.llm, s))
+    return runs, strategies, visual, {"shape": "recipes", "batch": args.batch}
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from segrouter.recipe import load_recipe
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SegrouterError("--device cuda but no CUDA device is visible", fix="use --device cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    cfgs = {"A": load_recipe(args.recipe, args.overrides), "B": load_recipe(args.vs)}
+    names = {"A": cfgs["A"].name, "B": cfgs["B"].name}
+    if args.random_init:
+        nodes = {k: dict(c.model.routing) for k, c in cfgs.items()}
+        runs, strategies, visual, info = _random_init(args, nodes, device, dtype)
+    else:
+        runs, strategies, visual, info = _from_recipes(args, cfgs, device, dtype)
+    m = measure(runs, strategies, visual, device, args.warmup, args.repeats)
+    a, b = m["A"], m["B"]
+    flops_ratio = a.flops / b.flops
+    speedup = b.median / a.median
+    result = {
+        "A": {"recipe": str(args.recipe), "name": names["A"], "flops": a.flops, "median_s": a.median, "times_s": a.times,
+              "visual_tokens": a.visual_tokens, **a.tokens},
+        "B": {"recipe": str(args.vs), "name": names["B"], "flops": b.flops, "median_s": b.median, "times_s": b.times,
+              "visual_tokens": b.visual_tokens, **b.tokens},
+        "flops_ratio": flops_ratio,
+        "speedup": speedup,
+        "ideal_speedup": 1.0 / flops_ratio,
+        "fraction_of_ideal": speedup * flops_ratio,
+        "setup": {**info, "device": _device_name(device), "dtype": args.dtype, "warmup": args.warmup,
+                  "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def format_table(r: dict[str, Any]) -> str:
+    a, b = r["A"], r["B"]
+    lines = [
+        f"{'':<22}{'A: ' + a['name']:>24}{'B: ' + b['name']:>24}",
+        f"{'LLM GFLOPs':<22}{a['flops'] / 1e9:>24.3f}{b['flops'] / 1e9:>24.3f}",
+        f"{'median time (ms)':<22}{a['median_s'] * 1e3:>24.2f}{b['median_s'] * 1e3:>24.2f}",
+        f"{'visual tokens':<22}{a['visual_tokens']:>24.1f}{b['visual_tokens']:>24.1f}",
+        f"{'attn tokens/layer':<22}{_short(a['attn_tokens']):>24}{_short(b['attn_tokens']):>24}",
+        f"{'ffn tokens/layer':<22}{_short(a['ffn_tokens']):>24}{_short(b['ffn_tokens']):>24}",
+        f"FLOPs A/B = {r['flops_ratio']:.3f}   speedup B/A = {r['speedup']:.2f}×   "
+        f"FLOP-ideal = {r['ideal_speedup']:.2f}×   achieved = {100 * r['fraction_of_ideal']:.0f}% of ideal",
+        f"setup: {r['setup']}",
+    ]
+    return "\n".join(lines)
+
+
+def _short(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    return f"{xs[0]:.0f}…{xs[-1]:.0f} (mean {sum(xs) / len(xs):.0f})"
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="LLM FLOPs and wall time of recipe A vs recipe B, side by side")
+    p.add_argument("--recipe", required=True, help="recipe A (the candidate)")
+    p.add_argument("--vs", required=True, help="recipe B (the reference)")
+    p.add_argument("--random-init", metavar="SHAPE", help=f"bench a random LLM of a named shape: {', '.join(SHAPES)}")
+    p.add_argument("--num-layers", type=int, help="override the shape's depth (e.g. to fit CPU memory)")
+    p.add_argument("--image-tokens", type=int, default=576)
+    p.add_argument("--text-tokens", type=int, default=32)
+    p.add_argument("--num-mask-tokens", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", help="write the JSON result here")
+    p.add_argument("--plugins", action="append", default=[], metavar="DIR")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of recipe A (the candidate)")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from segrouter.registry import load_builtins, load_plugins
+
+    load_builtins()
+    load_plugins(args.plugins)
+    print(format_table(run_bench(args)))

@@ -1,0 +1,259 @@
+"""Token routing for MLLM segmentation (AAAI 2026, "Efficient Segmentation with Multimodal Large Language
+Model via Token Routing", DOI 10.1609/aaai.v40i13.38032).
+
+The paper's two rules, from its abstract:
+
+* **Late mask-token insertion.** Mask tokens barely attend to image tokens in early layers, so they (and,
+  with ``late_text``, the text after the first of them) are absent from layers ``< insert_layer`` and enter
+  the sequence there with their input embedding. Causal attention means no earlier token ever sees them,
+  so nothing else changes.
+* **Proxy image tokens.** In routed layers every token still takes part in attention (image tokens matter
+  in all layers for dense prediction), but only a few image tokens — the *proxies* — go through the FFN.
+  Every other image token receives its proxies' FFN update (the difference between the proxy's FFN output
+  and input, i.e. its residual update), mapped by a lightweight per-layer projector.
+
+Choices the abstract leaves open (see docs/methods/token_routing.md for the reasoning and measurements):
+
+* the projector is ``u ↦ u + W₂·GELU(W₁·u)`` with ``W₂`` zero-initialised: at initialisation a routed token
+  gets its proxy's update unchanged (a training-free approximation), and training learns the correction.
+  With ``projector_input: delta_token`` the hidden layer also sees the token's own normalised state.
+* proxies are picked by ``proxy_rule``: ``grid`` (image tokens nearest a uniform grid over the image, the
+  default — it works for any compressor because it uses token coordinates), ``score`` (a learned linear
+  score per routed layer on top of the grid prior; the proxies' updates are scaled by
+  ``1 + score_alpha·tanh(score)`` so the scorer gets gradient, as in p-MoD) or ``attention`` (the image
+  tokens receiving most attention from the text and mask tokens in that layer);
+* ``assignment``: ``nearest`` proxy, or ``weighted`` — a softmax over the ``neighbours`` nearest proxies by
+  squared distance in units of the proxy spacing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from segrouter.compressors.base import grid_coords
+from segrouter.errors import RecipeError
+from segrouter.llms.base import CausalLLM
+from segrouter.registry import register
+from segrouter.routing.base import (
+    Kind,
+    LayerStats,
+    RoutingStrategy,
+    TokenSequence,
+    attention_bias,
+    attention_probs,
+    attention_residual,
+    ffn_update,
+    gather,
+    run_layer,
+    scatter,
+    select,
+)
+
+
+class ProxyProjector(nn.Module):
+    """Maps the (assigned) proxy update to a routed token's update; identity at initialisation."""
+
+    def __init__(self, dim: int, hidden: int, with_token: bool) -> None:
+        super().__init__()
+        self.with_token = with_token
+        self.up = nn.Linear(dim * (2 if with_token else 1), hidden)
+        self.act = nn.GELU()
+        self.down = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, update: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([update, token], dim=-1) if self.with_token else update
+        return update + self.down(self.act(self.up(x)))
+
+
+def _layer_index(value: int | float, num_layers: int, name: str) -> int:
+    """An absolute layer index from an int, or a fraction of the depth from a float in [0, 1]."""
+    idx = int(math.floor(value * num_layers)) if isinstance(value, float) else int(value)
+    if not 0 <= idx <= num_layers:
+        raise RecipeError(
+            f"{name}={value} is outside the LLM's {num_layers} layers",
+            where=f"model.routing.{name}",
+            fix=f"use 0..{num_layers} or a fraction in [0, 1]",
+        )
+    return idx
+
+
+@register("routing", "token_routing")
+class TokenRouting(RoutingStrategy):
+    """Late mask-token insertion + proxy FFN routing for image tokens (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        insert_layer: int | float = 0.5,
+        late_text: bool = True,
+        route_layers: list[int] | None = None,
+        route_start: int | float = 0.25,
+        num_proxies: int | None = None,
+        proxy_ratio: float = 0.0625,
+        proxy_rule: Literal["grid", "score", "attention"] = "grid",
+        assignment: Literal["nearest", "weighted"] = "nearest",
+        neighbours: int = 4,
+        projector_ratio: float = 0.25,
+        projector_input: Literal["delta", "delta_token"] = "delta",
+        score_alpha: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < proxy_ratio <= 1.0:
+            raise RecipeError(f"proxy_ratio={proxy_ratio} must be in (0, 1]", where="model.routing.proxy_ratio")
+        if num_proxies is not None and num_proxies < 1:
+            raise RecipeError(f"num_proxies={num_proxies} must be >= 1", where="model.routing.num_proxies")
+        if neighbours < 1:
+            raise RecipeError(f"neighbours={neighbours} must be >= 1", where="model.routing.neighbours")
+        self.cfg_insert, self.cfg_route_start, self.cfg_route_layers = insert_layer, route_start, route_layers
+        self.late_text = late_text
+        self.num_proxies, self.proxy_ratio = num_proxies, proxy_ratio
+        self.proxy_rule, self.assignment, self.neighbours = proxy_rule, assignment, neighbours
+        self.projector_ratio, self.projector_input, self.score_alpha = projector_ratio, projector_input, score_alpha
+        self.insert_layer = 0
+        self.routed: list[bool] = []
+        self.projectors = nn.ModuleDict()
+        self.scorers = nn.ModuleDict()
+
+    def setup(self, llm: CausalLLM) -> None:
+        n = llm.num_layers
+        self.insert_layer = _layer_index(self.cfg_insert, n, "insert_layer")
+        if self.cfg_route_layers is not None:
+            bad = [i for i in self.cfg_route_layers if not 0 <= i < n]
+            if bad:
+                raise RecipeError(f"route_layers {bad} outside 0..{n - 1}", where="model.routing.route_layers")
+            layers = set(self.cfg_route_layers)
+        else:
+            layers = set(range(_layer_index(self.cfg_route_start, n, "route_start"), n))
+        self.routed = [i in layers for i in range(n)]
+        d = llm.hidden_size
+        hidden = max(8, int(d * self.projector_ratio))
+        for i in sorted(layers):
+            self.projectors[str(i)] = ProxyProjector(d, hidden, self.projector_input == "delta_token")
+            if self.proxy_rule == "score":
+                self.scorers[str(i)] = nn.Linear(d, 1)
+                nn.init.zeros_(self.scorers[str(i)].weight)
+                nn.init.zeros_(self.scorers[str(i)].bias)
+
+    # ------------------------------------------------------------------------------------ proxies
+    def _proxy_count(self, n_image: torch.Tensor) -> torch.Tensor:
+        want = self.num_proxies if self.num_proxies is not None else None
+        if want is None:
+            return torch.clamp((n_image.float() * self.proxy_ratio).ceil().long(), min=1).minimum(n_image)
+        return torch.full_like(n_image, want).minimum(n_image)
+
+    def _grid_prior(self, seq: TokenSequence, is_image: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: per sample, the image tokens nearest a uniform grid of ``counts[b]`` points."""
+        prior = torch.zeros_like(is_image)
+        for b in range(is_image.shape[0]):
+            p = int(counts[b])
+            if p == 0:
+                continue
+            gy = max(1, round(math.sqrt(p)))
+            gx = math.ceil(p / gy)
+            pts = grid_coords(gy, gx, device=seq.coords.device)[:p]
+            img = is_image[b].nonzero()[:, 0]
+            d = torch.cdist(pts, seq.coords[b, img])
+            prior[b, img[d.argmin(dim=1)]] = True
+        return prior
+
+    def _assignment(self, seq: TokenSequence, proxy_idx: torch.Tensor, proxy_ok: torch.Tensor,
+                    routed_idx: torch.Tensor, spacing: torch.Tensor) -> torch.Tensor:
+        """(B, R, P) weights from each routed image token to the proxies (rows sum to 1)."""
+        pc = gather(seq.coords, proxy_idx)
+        rc = gather(seq.coords, routed_idx)
+        d2 = torch.cdist(rc, pc).square()
+        d2 = d2.masked_fill(~proxy_ok[:, None, :], float("inf"))
+        if self.assignment == "nearest":
+            return torch.nn.functional.one_hot(d2.argmin(dim=-1), d2.shape[-1]).to(seq.embeds.dtype)
+        k = min(self.neighbours, d2.shape[-1])
+        kth = d2.topk(k, dim=-1, largest=False).values[..., -1:]
+        logits = -d2 / spacing[:, None, None].square()
+        logits = logits.masked_fill(d2 > kth, float("-inf"))
+        return logits.softmax(dim=-1).to(seq.embeds.dtype)
+
+    def _choose(self, i: int, layer: nn.Module, h: torch.Tensor, seq: TokenSequence, active: torch.Tensor,
+                is_image: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor,
+                pe_bias: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Proxy mask (B, L) for layer ``i`` and, for the score rule, the per-token update weights."""
+        if self.proxy_rule == "grid":
+            return prior, None
+        if self.proxy_rule == "score":
+            s = self.scorers[str(i)](layer.post_attention_layernorm(h)).squeeze(-1)
+            ranking = s + prior.to(s.dtype)  # the grid prior wins while the zero-initialised scores are small
+            weight = torch.where(is_image, 1 + self.score_alpha * torch.tanh(s), torch.ones_like(s))
+        else:
+            assert pe_bias is not None
+            pe, bias, idx, ok = pe_bias
+            probs = attention_probs(layer, gather(h, idx), pe, bias).mean(dim=1)  # (B, M, M)
+            queries = gather(active & ~is_image, idx) & ok
+            received = (probs * queries[..., None]).sum(dim=1)
+            ranking = scatter(torch.zeros_like(h[..., 0]).unsqueeze(-1), idx, ok, received.unsqueeze(-1)).squeeze(-1)
+            weight = None
+        ranking = ranking.masked_fill(~is_image, float("-inf"))
+        top = ranking.topk(int(counts.max()), dim=1).indices
+        keep = torch.arange(top.shape[1], device=h.device)[None] < counts[:, None]
+        chosen = torch.zeros_like(is_image)
+        chosen.scatter_(1, top, keep)
+        return chosen & is_image, weight
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
+        h, pos, valid = seq.embeds, seq.positions, seq.valid
+        is_image = seq.is_kind(Kind.IMAGE)
+        is_mask = seq.is_kind(Kind.MASK)
+        late = is_mask
+        if self.late_text:
+            after_first_mask = is_mask.long().cumsum(dim=1) > 0
+            late = late | (after_first_mask & seq.is_kind(Kind.TEXT))
+        counts = self._proxy_count(is_image.sum(dim=1))
+        prior = self._grid_prior(seq, is_image, counts)
+        spacing = 1.0 / counts.clamp(min=1).float().sqrt()
+        self.stats = LayerStats()
+        phases: dict[bool, tuple] = {}
+        cached_assign: tuple | None = None
+        for i, layer in enumerate(llm.layers):
+            early = i < self.insert_layer
+            if early not in phases:
+                active = valid & ~late if early else valid
+                idx, ok = select(active)
+                p_a = gather(pos, idx)
+                bias = attention_bias(p_a, ok, p_a, ok, h.dtype)
+                phases[early] = (active, idx, ok, p_a, bias, llm.rotary(h, p_a))
+            active, idx, ok, p_a, bias, pe = phases[early]
+            if not self.routed[i]:
+                self.stats.record(active, active)
+                h = scatter(h, idx, ok, run_layer(llm, layer, gather(h, idx), bias, pe, p_a))
+                continue
+            h = scatter(h, idx, ok, attention_residual(layer, gather(h, idx), bias, pe))
+            proxies, weight = self._choose(i, layer, h, seq, active, is_image, counts, prior, (pe, bias, idx, ok))
+            ffn_active = active & ~(is_image & ~proxies)
+            self.stats.record(active, ffn_active)
+            f_idx, f_ok = select(ffn_active)
+            h_f = gather(h, f_idx)
+            delta_f = ffn_update(layer, h_f)
+            if weight is not None:
+                delta_f = delta_f * gather(weight, f_idx).unsqueeze(-1)
+            h = scatter(h, f_idx, f_ok, h_f + delta_f)
+            routed = active & is_image & ~proxies
+            if not bool(routed.any()):
+                continue
+            delta = scatter(torch.zeros_like(h), f_idx, f_ok, delta_f)
+            p_idx, p_ok = select(proxies)
+            r_idx, r_ok = select(routed)
+            if self.proxy_rule == "grid" and cached_assign is not None:
+                assign = cached_assign
+            else:
+                assign = self._assignment(seq, p_idx, p_ok, r_idx, spacing)
+                cached_assign = assign
+            update = assign @ gather(delta, p_idx)  # (B, R, D): each routed token's proxy update
+            h_r = gather(h, r_idx)
+            update = self.projectors[str(i)](update, layer.post_attention_layernorm(h_r))
+            h = scatter(h, r_idx, r_ok, h_r + update)
+        return llm.norm(h)
