@@ -1,0 +1,158 @@
+"""Token routing: equivalence with ``full`` at the degenerate setting, real compute savings, masking of
+late tokens, gradient to the projector, and the bench / attention-analysis tools on toy shapes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from segrouter.bench import lisa_sequence, run_bench
+from segrouter.errors import RecipeError
+from segrouter.flops import count_flops
+from segrouter.registry import load_builtins, registry
+from segrouter.routing.base import Kind
+from segrouter.text import build_tokenizer
+
+from conftest import RECIPES, build_model, tiny_cfg
+
+load_builtins()
+
+
+def _llm(layers: int = 4, d: int = 64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    tok = build_tokenizer(None, ["a"], 1)
+    return registry("llm").build(
+        {"name": "hf_causal", "hidden_size": d, "num_layers": layers, "num_heads": 4, "num_kv_heads": 2}, tok
+    ).eval()
+
+
+def _strategy(llm: torch.nn.Module, **params: object) -> torch.nn.Module:
+    s = registry("routing").build({"name": "token_routing", **params})
+    s.setup(llm)
+    return s
+
+
+def _seq(llm: torch.nn.Module, batch: int = 2):  # 4 text, 64 image (8×8), 32 text, [SEG], 1 text
+    seq = lisa_sequence(llm.hidden_size, 64, 32, 1, batch, torch.device("cpu"), torch.float32)
+    seq.embeds = torch.randn_like(seq.embeds)
+    if batch > 1:  # ragged batch: the last sample is one token shorter
+        seq.kinds[-1, -1] = int(Kind.PAD)
+        seq.positions[-1, -1] = 0
+    return seq
+
+
+@pytest.mark.parametrize("rule", ["grid", "score", "attention"])
+@pytest.mark.parametrize("assignment", ["nearest", "weighted"])
+def test_all_proxies_and_no_late_insertion_equals_full(rule: str, assignment: str) -> None:
+    llm = _llm()
+    seq = _seq(llm)
+    full = registry("routing").build({"name": "full"})(llm, seq)
+    ours = _strategy(llm, insert_layer=0, route_start=0, proxy_ratio=1.0, proxy_rule=rule, assignment=assignment)(llm, seq)
+    valid = seq.valid
+    torch.testing.assert_close(ours[valid], full[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_flops_drop_as_configured() -> None:
+    llm = _llm(layers=4, d=64)
+    seq = _seq(llm, batch=1)
+    with torch.no_grad():
+        _, f_full = count_flops(lambda: registry("routing").build({"name": "full"})(llm, seq))
+        ratios = {}
+        for ratio in (1.0, 0.25, 0.0625):
+            s = _strategy(llm, insert_layer=2, route_start=1, proxy_ratio=ratio)
+            _, f = count_flops(lambda: s(llm, seq))
+            ratios[ratio] = f / f_full
+            ffn = s.stats.as_lists()["ffn_tokens"]
+            n_proxies = max(1, round(64 * ratio))
+            # layer 0 unrouted without the 2 late tokens; layers 1..3 routed: 36 text + proxies (+2 late from layer 2)
+            assert ffn == [100.0, 36.0 + n_proxies, 38.0 + n_proxies, 38.0 + n_proxies]
+    assert ratios[1.0] < 1.0  # late insertion alone saves a little
+    assert ratios[0.0625] < ratios[0.25] < ratios[1.0]
+    # exact accounting, 4 proxies vs all 64: 60 image tokens skip the FFN (3 matmuls 64×256) in 3 routed
+    # layers, and pay the projector (64→16→64) and the assignment product (60×4 by 64)
+    d, dff, routed, layers = 64, 256, 60, 3
+    saved = routed * layers * 2 * 3 * d * dff
+    paid = routed * layers * (2 * d * 16 * 2 + 2 * 4 * d)
+    assert (ratios[1.0] - ratios[0.0625]) * f_full == pytest.approx(saved - paid, rel=1e-9)
+
+
+def test_late_tokens_are_absent_from_early_layers() -> None:
+    llm = _llm()
+    seq = _seq(llm, batch=1)
+    s = _strategy(llm, insert_layer=3, route_start=4, proxy_ratio=1.0)
+    s(llm, seq)
+    attn = s.stats.as_lists()["attn_tokens"]
+    assert attn == [100.0, 100.0, 100.0, 102.0]  # [SEG] and the text after it join at layer 3
+    # and with late insertion, the other tokens' states are unchanged (causality): compare with full
+    full = registry("routing").build({"name": "full"})(llm, seq)
+    out = _strategy(llm, insert_layer=3, route_start=4)(llm, seq)
+    early = seq.kinds[0] != int(Kind.MASK)
+    early[-1] = False
+    torch.testing.assert_close(out[0, early], full[0, early], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[0, ~early], full[0, ~early])
+
+
+def test_gradient_reaches_projector_and_scorer() -> None:
+    llm = _llm()
+    seq = _seq(llm)
+    s = _strategy(llm, proxy_rule="score", projector_input="delta_token").train()
+    s(llm, seq).sum().backward()
+    for name, p in s.named_parameters():
+        if name.endswith("down.weight") or name.startswith("scorers"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_bad_parameters_are_recipe_errors() -> None:
+    llm = _llm(layers=4)
+    with pytest.raises(RecipeError, match="insert_layer=9 is outside the LLM's 4 layers"):
+        _strategy(llm, insert_layer=9)
+    with pytest.raises(RecipeError, match="route_layers"):
+        _strategy(llm, route_layers=[1, 7])
+    with pytest.raises(RecipeError, match="proxy_ratio"):
+        registry("routing").build({"name": "token_routing", "proxy_ratio": 0.0})
+
+
+def test_token_routing_recipe_trains(tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path, "model.routing.name=token_routing", "model.routing.proxy_ratio=0.5")
+    model, data = build_model(cfg)
+    batch = data.collate([data.dataset("train")[i] for i in range(4)])
+    out = model(batch, flops=True)
+    model.losses(out, batch["mask"])["loss"].backward()
+    assert out["masks"].shape == (4, 32, 32) and out["llm_flops"] > 0
+
+
+def test_bench_random_init_toy_shape(tmp_path: Path) -> None:
+    args = argparse.Namespace(
+        recipe=str(RECIPES / "token_routing.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[],
+        random_init="toy", num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1,
+        warmup=1, repeats=2, device="cpu", dtype="float32", out=str(tmp_path / "b.json"),
+    )
+    r = run_bench(args)
+    assert 0 < r["flops_ratio"] < 1 and len(r["A"]["times_s"]) == 2
+    assert r["A"]["ffn_tokens"][-1] < r["B"]["ffn_tokens"][-1]
+    assert json.loads((tmp_path / "b.json").read_text())["flops_ratio"] == r["flops_ratio"]
+
+
+def test_bench_from_recipes(tmp_path: Path) -> None:
+    args = argparse.Namespace(
+        recipe=str(RECIPES / "tiny.yaml"), vs=str(RECIPES / "tiny.yaml"), overrides=["model.routing.name=token_routing"],
+        random_init=None, num_layers=None, batch=2, warmup=0, repeats=1, device="cpu", dtype="float32", out=None,
+        image_tokens=576, text_tokens=32, num_mask_tokens=1,
+    )
+    r = run_bench(args)
+    assert r["A"]["visual_tokens"] == 16 and r["flops_ratio"] < 1
+
+
+def test_analyze_attention(tmp_path: Path) -> None:
+    from segrouter.analysis.attention import attention_profile
+
+    cfg = tiny_cfg(tmp_path)
+    model, data = build_model(cfg)
+    batch = data.collate([data.dataset("val")[i] for i in range(3)])
+    prof = attention_profile(model.eval(), [batch])
+    assert set(prof) == {"mask", "text", "image"} and len(prof["mask"]) == 2
+    assert all(0.0 <= v <= 1.0 for vs in prof.values() for v in vs)
