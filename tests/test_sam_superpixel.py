@@ -1,0 +1,259 @@
+"""The SAM superpixel projector: partitions, region merging, pooling, padding, cache, ablations, gradients."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segrouter.compressors.sam_superpixel import SAMSuperpixelProjector, region_stats
+from segrouter.errors import RecipeError, SegrouterError
+from segrouter.superpixels import (
+    PartitionCache,
+    SAMAutomaticMaskGenerator,
+    SLICGenerator,
+    check_partition,
+    merge_regions,
+)
+from segrouter.superpixels.regions import border_lengths
+from segrouter.superpixels.sam_amg import paint
+from conftest import build_model, tiny_cfg
+
+
+def _scene(size: int = 48, seed: int = 0) -> np.ndarray:
+    """A noisy two-tone background with two flat squares: (H, W, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((size, size, 3)) + 0.3
+    image[:, size // 2 :] = 0.6
+    image[5:20, 5:20] = (0.9, 0.1, 0.1)
+    image[25:40, 28:44] = (0.1, 0.2, 0.9)
+    image += rng.normal(0, 0.03, image.shape)
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def _tiny_sam(**kw: object) -> SAMAutomaticMaskGenerator:
+    settings = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_thresh": 0.0, "min_area": 4, "max_regions": 32}
+    return SAMAutomaticMaskGenerator(**{**settings, **kw})  # type: ignore[arg-type]
+
+
+def _stripes(k: int, size: int = 32) -> np.ndarray:
+    """A partition of k vertical stripes."""
+    return np.broadcast_to((np.arange(size) * k // size)[None, :], (size, size)).astype(np.int64).copy()
+
+
+# ------------------------------------------------------------------------------------------- partitions
+def _slic() -> SLICGenerator:
+    return SLICGenerator(n_segments=12, compactness=20.0, min_area=8, max_regions=64)
+
+
+@pytest.mark.parametrize("make", [_slic, _tiny_sam])
+def test_partition_covers_every_pixel_exactly_once(make: Callable[[], Callable[[np.ndarray], np.ndarray]]) -> None:
+    gen = make()
+    for image in (_scene(), _scene(40, seed=1)[:, :33]):  # square and non-square
+        labels = gen(image)
+        check_partition(labels, image.shape[:2])  # int64, shape, labels exactly 0..K-1
+        assert labels.min() == 0 and np.bincount(labels.ravel()).sum() == image.shape[0] * image.shape[1]
+
+
+def test_random_sam_masks_are_painted_and_embeddings_can_be_passed_in() -> None:
+    gen, image = _tiny_sam(), _scene()
+    masks, scores = gen.masks(image)
+    assert masks.shape[1:] == image.shape[:2] and masks.dtype == bool and len(masks) == len(scores) > 0
+    assert np.all(np.diff(scores) <= 0)  # NMS output is best first
+    labels = gen(image)
+    assert labels.max() + 1 > 1
+    np.testing.assert_array_equal(gen(image, image_embeddings=gen.image_embeddings(image)), labels)
+
+
+def test_strict_thresholds_leave_one_region() -> None:
+    """No mask passes → every pixel is leftover → one connected component."""
+    labels = _tiny_sam(pred_iou_thresh=1.0, stability_thresh=1.0)(_scene())
+    assert labels.max() == 0
+
+
+def test_paint_keeps_small_masks_on_top_and_splits_leftover_components() -> None:
+    big = np.zeros((6, 6), bool)
+    big[:, :3] = True
+    small = np.zeros((6, 6), bool)
+    small[1:3, 1:3] = True
+    labels = paint(np.stack([small, big]), (6, 6))
+    assert (labels[small] == 0).all() and (labels[big & ~small] == 1).all()
+    leftover = labels[:, 3:]
+    assert set(np.unique(leftover)) == {2}  # one connected leftover component
+    split = np.zeros((6, 6), bool)
+    split[:, 2:4] = True
+    labels = paint(split[None], (6, 6))
+    assert len(np.unique(labels)) == 3  # left and right leftovers are different regions
+
+
+def test_min_area_and_max_regions_are_respected() -> None:
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 40, size=(24, 24))  # hundreds of tiny fragments
+    for min_area, max_regions in ((10, 100), (1, 7), (30, 5)):
+        labels = merge_regions(noisy, min_area, max_regions)
+        check_partition(labels, noisy.shape)
+        areas = np.bincount(labels.ravel())
+        assert len(areas) <= max_regions and areas.min() >= min_area
+    gen = SLICGenerator(n_segments=40, compactness=20.0, min_area=60, max_regions=6)
+    areas = np.bincount(gen(_scene()).ravel())
+    assert len(areas) <= 6 and areas.min() >= 60
+
+
+def test_small_region_merges_into_its_longest_border_neighbour() -> None:
+    labels = np.array([[0, 1, 0, 0], [0, 2, 1, 1], [0, 1, 1, 1]])  # region 2 (1 px) touches 0 once, 1 three times
+    assert border_lengths(labels)[2] == {0: 1, 1: 3}
+    merged = merge_regions(labels, min_area=2, max_regions=10)
+    assert merged[1, 1] == merged[0, 1] and len(np.unique(merged)) == 2
+    assert merge_regions(np.zeros((3, 3), np.int64), min_area=100, max_regions=1).max() == 0  # nothing to merge into
+
+
+# --------------------------------------------------------------------------------------------- pooling
+def test_pooling_and_geometry_match_a_hand_computation(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4×4 image, 2×2 grid of 2×2-pixel cells; region 0 is one pixel, smaller than a patch
+    labels = np.array([[0, 1, 1, 1], [1, 1, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+    stats = region_stats(labels, (2, 2))
+    np.testing.assert_allclose(stats.occupancy, [[0.25, 0, 0, 0], [0.75, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    np.testing.assert_allclose(stats.centroids[0], [0.125, 0.125])
+    g0, g1 = stats.geometry[0], stats.geometry[1]
+    np.testing.assert_allclose(g0[:7], [0, 0, 0.25, 0.25, 0.125, 0.125, 1 / 16])
+    np.testing.assert_allclose(g0[7:], np.ones(16))  # one pixel fills its own bbox
+    np.testing.assert_allclose(g1[:4], [0, 0, 0.5, 1.0])
+    np.testing.assert_allclose(g1[7:].reshape(4, 4), [[0, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+
+    proj = SAMSuperpixelProjector(2, 2, (2, 2), positional_embedding=False, aggregator=False, depth=1)
+    with torch.no_grad():
+        proj.proj[0].weight.copy_(torch.eye(2))
+        proj.proj[0].bias.zero_()
+    monkeypatch.setattr(proj, "partition", lambda image: labels)
+    feats = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    out = proj(torch.stack([feats, 10 * feats])[None], torch.zeros(1, 3, 4, 4))
+    expected = torch.tensor([1.0, (3 * 1 + 4 * 2) / 7, 3.0, 4.0])  # region 1: weights 3/7, 4/7
+    torch.testing.assert_close(out.embeds[0], torch.stack([expected, 10 * expected], 1))
+    torch.testing.assert_close(out.coords[0, 0], torch.tensor([0.125, 0.125]))
+
+
+def test_tokens_are_in_centroid_raster_order() -> None:
+    labels = np.array([[3, 3, 0, 0], [3, 3, 0, 0], [1, 1, 2, 2], [1, 1, 2, 2]])
+    ys, xs = region_stats(labels, (2, 2)).centroids.T
+    np.testing.assert_allclose(ys, [0.25, 0.25, 0.75, 0.75])
+    np.testing.assert_allclose(xs, [0.25, 0.75, 0.25, 0.75])
+
+
+# ----------------------------------------------------------------------------------- batching and model
+def test_variable_counts_are_padded(monkeypatch: pytest.MonkeyPatch) -> None:
+    proj = SAMSuperpixelProjector(8, 16, (4, 4), aggregator_heads=2)
+    monkeypatch.setattr(proj, "partition", lambda image: _stripes(int(image[0, 0, 0]) + 1))
+    images = torch.zeros(3, 3, 32, 32)
+    images[:, 0, 0, 0] = torch.tensor([0.0, 4.0, 1.0]) / 255  # 1, 5 and 2 regions
+    out = proj(torch.randn(3, 8, 4, 4), images)
+    assert out.embeds.shape == (3, 5, 16) and out.counts.tolist() == [1, 5, 2]
+    assert out.mask[0].tolist() == [True, False, False, False, False]
+    assert (out.embeds[~out.mask] == 0).all() and (out.coords[~out.mask] == 0).all()
+    assert torch.isfinite(out.embeds).all()
+
+
+def test_full_model_forward_with_sam_superpixel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_cfg(tmp_path, "model.compressor.name=sam_superpixel", "model.compressor.n_segments=6")
+    model, dm = build_model(cfg)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    out = model(batch)  # real SLIC partitions
+    assert out["masks"].shape == batch["mask"].shape and (out["visual_tokens"] >= 1).all()
+    counts = iter(range(1, 100))
+    monkeypatch.setattr(model.compressor, "partition", lambda image: _stripes(next(counts) % 4 + 1))
+    out = model(batch)  # forced different counts per sample
+    assert out["visual_tokens"].tolist() == [2, 3, 4, 1]
+    model.losses(out, batch["mask"])["loss"].backward()
+    assert model.compressor.proj[0].weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------- cache
+def test_cache_hits_misses_and_atomic_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen, image = _slic(), _scene()
+    cache = PartitionCache(tmp_path)
+    first = cache.get(image, gen)
+    assert (cache.hits, cache.misses) == (0, 1)
+    files = list(tmp_path.rglob("*"))
+    npz = [f for f in files if f.is_file()]
+    assert len(npz) == 1 and npz[0].suffix == ".npz" and npz[0].parent.parent.name == "slic"
+    np.testing.assert_array_equal(cache.get(image, gen), first)
+    assert (cache.hits, cache.misses) == (1, 1)
+
+    fresh = PartitionCache(tmp_path)  # another process: served from disk
+    labels = fresh.get(image, gen)
+    assert (fresh.hits, fresh.misses) == (1, 0) and labels.dtype == np.int64
+    np.testing.assert_array_equal(labels, first)
+
+    fresh.get(image, SLICGenerator(n_segments=12, compactness=5.0, min_area=8, max_regions=64))
+    fresh.get(_scene(seed=3), gen)
+    assert fresh.misses == 2 and len([f for f in tmp_path.rglob("*.npz")]) == 3
+
+    def crash(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        PartitionCache(tmp_path).get(_scene(seed=4), gen)
+    assert len(list(tmp_path.rglob("*.npz"))) == 3 and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_in_memory_cache_without_dir() -> None:
+    proj = SAMSuperpixelProjector(8, 16, (4, 4), aggregator_heads=2, n_segments=6)
+    images = torch.rand(2, 3, 32, 32)
+    proj(torch.randn(2, 8, 4, 4), images)
+    proj(torch.randn(2, 8, 4, 4), images)
+    assert (proj.cache.hits, proj.cache.misses) == (2, 2) and proj.cache.dir is None
+
+
+# ------------------------------------------------------------------------------ ablations and gradients
+def test_ablation_switches_remove_their_parameters() -> None:
+    def names(**kw: object) -> set[str]:
+        proj = SAMSuperpixelProjector(16, 32, (4, 4), **kw)  # type: ignore[arg-type]
+        return {n.split(".")[0] for n, _ in proj.named_parameters()}
+
+    assert names() == {"aggregator", "proj", "sspe"}
+    assert names(positional_embedding=False) == {"aggregator", "proj"}
+    assert names(aggregator=False) == {"proj", "sspe"}
+    assert names(aggregator=False, positional_embedding=False) == {"proj"}
+    no_context = {n for n, _ in SAMSuperpixelProjector(16, 32, (4, 4), context_tokens=0).named_parameters()}
+    assert not any("context" in n for n in no_context)
+
+
+def test_gradient_reaches_projector_sspe_aggregator_and_features() -> None:
+    proj = SAMSuperpixelProjector(8, 16, (4, 4), aggregator_heads=2, n_segments=6)
+    feats = torch.randn(2, 8, 4, 4, requires_grad=True)
+    out = proj(feats, torch.rand(2, 3, 32, 32))
+    (out.embeds**2).sum().backward()
+    for name in ("proj.0.weight", "sspe.0.weight", "aggregator.attn.out_proj.weight"):
+        assert proj.get_parameter(name).grad.abs().sum() > 0, name
+    assert feats.grad.abs().sum() > 0
+
+
+def test_aggregator_starts_as_identity() -> None:
+    torch.manual_seed(0)
+    feats, images = torch.randn(1, 8, 4, 4), torch.rand(1, 3, 32, 32)
+    with_agg = SAMSuperpixelProjector(8, 16, (4, 4), aggregator_heads=2, positional_embedding=False)
+    without = SAMSuperpixelProjector(8, 16, (4, 4), aggregator=False, positional_embedding=False)
+    without.proj.load_state_dict(with_agg.proj.state_dict())
+    torch.testing.assert_close(with_agg(feats, images).embeds, without(feats, images).embeds)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
+    proj = SAMSuperpixelProjector(8, 16, (4, 4), aggregator_heads=2)
+    with pytest.raises(SegrouterError, match="needs RGB images"):
+        proj(torch.randn(1, 8, 4, 4), torch.rand(1, 1, 32, 32))
+    with pytest.raises(SegrouterError, match="SAM directory not found"):
+        SAMSuperpixelProjector(8, 16, (4, 4), generator="sam", sam_path=str(tmp_path / "missing"))
+    with pytest.raises(RecipeError, match="aggregator_heads must divide the vision width 8"):
+        SAMSuperpixelProjector(8, 16, (4, 4), aggregator_heads=3)
+    with pytest.raises(RecipeError, match="sam_path is only used by generator: sam"):
+        SAMSuperpixelProjector(8, 16, (4, 4), sam_path=str(tmp_path))
+    with pytest.raises(RecipeError, match="max_regions"):
+        SAMSuperpixelProjector(8, 16, (4, 4), max_regions=0)
+    with pytest.warns(UserWarning, match="random tiny SAM"):
+        SAMSuperpixelProjector(8, 16, (4, 4), generator="sam", aggregator_heads=2)
