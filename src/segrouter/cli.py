@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Any
 
-from segrouter import bench
+from segrouter import bench, compare, sweep
 from segrouter.analysis import attention
 from segrouter.errors import SegrouterError
 
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ckpt", help="checkpoint (default: the newest run's best)")
     bench.add_parser(sub)
     attention.add_parser(sub)
+    compare.add_compare_parser(sub)
+    sweep.add_sweep_parser(sub)
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("kind", nargs="?", help="component kind (default: all)")
     ls.add_argument("--plugins", action="append", default=[], metavar="DIR")
@@ -117,6 +119,8 @@ COMMANDS = {
     "list": cmd_list,
     "bench": bench.cmd_bench,
     "analyze": attention.cmd_analyze,
+    "compare": compare.cmd_compare,
+    "sweep": sweep.cmd_sweep,
 }
 
 

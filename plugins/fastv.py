@@ -1,0 +1,95 @@
+"""FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024, arXiv 2403.06764).
+
+The worked example of a routing plugin (walkthrough: docs/plugins.md). segrouter imports every ``*.py`` in
+the repository's ``plugins/`` folder at start-up; the ``@register`` decorator below is all it takes to make
+``fastv`` usable from a recipe (``model.routing: {name: fastv, k: 2, ratio: 0.5}``) and visible in
+``segrouter list routing``. It imports only public segrouter API.
+
+The method: the first ``k`` layers see every token. The attention each image token received in layer ``k``
+(counted from 1 as in the paper, so ``k = 2`` means "after layer 2") ranks the image tokens, and the
+fraction ``ratio`` that received the least is removed from all later layers — physically, so the FLOPs drop.
+A removed token keeps its hidden state from layer ``k`` in the output. Position ids are kept, so RoPE and
+causal order are unchanged for the survivors.
+
+``rank_by`` picks whose attention counts: ``"all"`` averages over every valid query token (the paper's
+description; note the causal mask lets later image tokens be seen by fewer queries), ``"last_instruction"``
+uses one query, the last text token before the mask token (FastV's released code ranks by the last token's
+attention; cheaper, one attention row instead of L).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from segrouter.errors import RecipeError
+from segrouter.llms.base import CausalLLM
+from segrouter.registry import register
+from segrouter.routing.base import (
+    Kind,
+    LayerStats,
+    RoutingStrategy,
+    TokenSequence,
+    attention_bias,
+    gather,
+    run_layer,
+    scatter,
+    select,
+)
+from segrouter.routing.pdrop import last_instruction_token, received_attention, top_image_tokens
+
+
+@register("routing", "fastv")
+class FastV(RoutingStrategy):
+    """Drop the ``ratio`` least-attended image tokens after layer ``k`` (1 <= k < number of LLM layers)."""
+
+    def __init__(self, *, k: int = 2, ratio: float = 0.5, rank_by: Literal["all", "last_instruction"] = "all") -> None:
+        super().__init__()
+        if not 0.0 <= ratio < 1.0:
+            raise RecipeError(
+                f"ratio {ratio} is outside [0, 1)",
+                where="model.routing.ratio",
+                fix="set the fraction of image tokens to drop, e.g. 0.5",
+            )
+        if k < 1:
+            raise RecipeError(
+                f"k={k}: FastV ranks tokens by the attention of layer k, which must be >= 1",
+                where="model.routing.k",
+            )
+        self.k, self.ratio, self.rank_by = k, ratio, rank_by
+
+    def setup(self, llm: CausalLLM) -> None:
+        """Check ``k`` against the depth, which is only known once the LLM is built."""
+        if self.k >= llm.num_layers:
+            raise RecipeError(
+                f"k={self.k} leaves no layer to prune in a {llm.num_layers}-layer LLM",
+                where="model.routing.k",
+                fix=f"use 1 <= k <= {llm.num_layers - 1}",
+            )
+
+    def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
+        h, pos, valid = seq.embeds, seq.positions, seq.valid
+        cos, sin = llm.rotary(h, pos)
+        bias = attention_bias(pos, valid, pos, valid, h.dtype)
+        self.stats = LayerStats()
+        for layer in llm.layers[: self.k]:
+            layer_input = h
+            self.stats.record(valid, valid)
+            h = run_layer(llm, layer, h, bias, (cos, sin), pos)
+
+        queries = valid if self.rank_by == "all" else last_instruction_token(seq.kinds)
+        scores = received_attention(llm.layers[self.k - 1], layer_input, (cos, sin), pos, valid, queries)
+        image = seq.is_kind(Kind.IMAGE)
+        n_image = image.sum(dim=1)
+        kept = top_image_tokens(scores, image, n_image - (n_image * self.ratio).long())
+        active = valid & (~image | kept)
+
+        idx, ok = select(active)  # pack the survivors: later layers really run on fewer tokens
+        hp, pp = gather(h, idx), gather(pos, idx)
+        pe = (gather(cos, idx), gather(sin, idx))
+        bias = attention_bias(pp, ok, pp, ok, h.dtype)
+        for layer in llm.layers[self.k :]:
+            self.stats.record(active, active)
+            hp = run_layer(llm, layer, hp, bias, pe, pp)
+        return llm.norm(scatter(h, idx, ok, hp))

@@ -1,0 +1,157 @@
+"""PyramidDrop (Xing et al., arXiv 2410.17247): drop image tokens stage by stage, ranked by attention.
+
+The LLM is cut into stages at the layers ``layers``; at the start of stage ``s`` only the ``keep[s]`` fraction
+(of the *original* image-token count) of image tokens stays: those that received the most attention from
+the last instruction token in the last layer of the previous stage. Dropped tokens are physically removed
+from all later layers and keep the hidden state they had when dropped.
+
+"Last instruction token": the sequence carries no prompt/answer boundary, only token kinds, so it is the
+last TEXT token before the first MASK token (with teacher-forced answers, the token right before the mask
+token is emitted — the state the mask token conditions on). Without a MASK token it is the last TEXT token.
+
+The ranking helpers here (:func:`received_attention`, :func:`last_instruction_token`,
+:func:`top_image_tokens`) are public: FastV (``plugins/fastv.py``) and Mixture-of-Depths reuse them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from segrouter.errors import RecipeError
+from segrouter.llms.base import CausalLLM
+from segrouter.registry import register
+from segrouter.routing.base import (
+    Kind,
+    LayerStats,
+    RoutingStrategy,
+    TokenSequence,
+    attention_bias,
+    gather,
+    run_layer,
+    scatter,
+    select,
+)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the LLaMA/Qwen2 rotate-half convention; x (B, H, L, hd), cos/sin (B, L, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+@torch.no_grad()
+def received_attention(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    queries: torch.Tensor,
+) -> torch.Tensor:
+    """Attention each token receives in ``layer`` (B, L): softmax weights from the ``queries`` tokens,
+    averaged over heads and over those queries. ``hidden`` is the layer's input.
+
+    Recomputed from the layer's q/k projections because fused kernels (sdpa, flash) never materialise
+    the weights; only the query rows asked for are computed, so one query costs one row.
+    """
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    qi, qok = select(queries & valid)
+    xq, qpos = gather(x, qi), gather(positions, qi)
+    cos, sin = position_embeddings
+    b, hd = x.shape[0], attn.head_dim
+    q = _rope(attn.q_proj(xq).view(b, xq.shape[1], -1, hd).transpose(1, 2), gather(cos, qi), gather(sin, qi))
+    k = _rope(attn.k_proj(x).view(b, x.shape[1], -1, hd).transpose(1, 2), cos, sin)
+    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
+    logits = (q @ k.transpose(-1, -2)) * attn.scaling + attention_bias(qpos, qok, positions, valid, q.dtype)
+    probs = logits.softmax(dim=-1).mean(dim=1) * qok[..., None]  # (B, M, L); padding query rows zeroed
+    return probs.sum(dim=1) / qok.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def last_instruction_token(kinds: torch.Tensor) -> torch.Tensor:
+    """One-hot (B, L): the last TEXT token before the first MASK token (the last TEXT token if none)."""
+    length = kinds.shape[1]
+    ar = torch.arange(length, device=kinds.device)
+    is_mask = kinds == Kind.MASK
+    first_mask = torch.where(is_mask.any(dim=1), is_mask.int().argmax(dim=1), length)
+    candidates = (kinds == Kind.TEXT) & (ar[None] < first_mask[:, None])
+    last = torch.where(candidates, ar[None], -1).amax(dim=1)
+    return ar[None] == last[:, None]
+
+
+def top_image_tokens(scores: torch.Tensor, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mask (B, L) of the ``keep[b]`` highest-scoring ``image`` tokens of each sample (ties: earlier first)."""
+    ranked = scores.detach().masked_fill(~image, float("-inf"))
+    order = ranked.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return image & (rank < keep[:, None])
+
+
+@register("routing", "pdrop")
+class PyramidDrop(RoutingStrategy):
+    """Stage boundaries ``layers``: an int is a layer index, a float in (0, 1) a fraction of the depth
+    (rounded to the nearest layer; the default is the paper's [8, 16, 24] of 32 at any depth). ``keep[s]``
+    is the fraction of the original image tokens kept from boundary ``s`` on (the paper's λ = 0.5 per stage)."""
+
+    def __init__(
+        self, *, layers: tuple[float, ...] = (0.25, 0.5, 0.75), keep: tuple[float, ...] = (0.5, 0.25, 0.125)
+    ) -> None:
+        super().__init__()
+        if not layers or len(layers) != len(keep):
+            raise RecipeError(
+                f"got {len(layers)} stage boundaries and {len(keep)} keep ratios",
+                where="model.routing",
+                fix="give one keep ratio per boundary in 'layers'",
+            )
+        if any(not 0.0 < r <= 1.0 for r in keep) or any(a < b for a, b in zip(keep, keep[1:])):
+            raise RecipeError(
+                f"keep ratios {list(keep)} must lie in (0, 1] and never increase",
+                where="model.routing.keep",
+                fix="e.g. [0.5, 0.25, 0.125]: a dropped token cannot come back",
+            )
+        bad = [v for v in layers if not isinstance(v, int) and not 0.0 < v < 1.0]
+        if bad:
+            raise RecipeError(
+                f"stage boundary {bad[0]!r} is neither a layer index (int) nor a depth fraction in (0, 1)",
+                where="model.routing.layers",
+                fix="write layer indices as ints (e.g. [8, 16, 24]) or fractions (e.g. [0.25, 0.5, 0.75])",
+            )
+        self.layers, self.keep = tuple(layers), tuple(keep)
+        self.boundaries: dict[int, float] = {}
+
+    def setup(self, llm: CausalLLM) -> None:
+        n = llm.num_layers
+        resolved = [v if isinstance(v, int) else int(v * n + 0.5) for v in self.layers]
+        if any(b < 1 or b >= n for b in resolved) or any(a >= b for a, b in zip(resolved, resolved[1:])):
+            raise RecipeError(
+                f"stage boundaries resolve to layers {resolved} of a {n}-layer LLM",
+                where="model.routing.layers",
+                fix=f"use strictly increasing layers in [1, {n - 1}]",
+            )
+        self.boundaries = dict(zip(resolved, self.keep))
+
+    def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
+        h = seq.embeds
+        cos, sin = llm.rotary(h, seq.positions)
+        n_image = seq.is_kind(Kind.IMAGE).sum(dim=1)
+        idx, ok = select(seq.valid)  # packed view: idx maps packed slots to sequence positions
+        hp, pos, kinds = gather(h, idx), gather(seq.positions, idx), gather(seq.kinds, idx)
+        pe = (gather(cos, idx), gather(sin, idx))
+        bias = attention_bias(pos, ok, pos, ok, h.dtype)
+        self.stats = LayerStats()
+        for i, layer in enumerate(llm.layers):
+            if i in self.boundaries:
+                scores = received_attention(llm.layers[i - 1], layer_input, pe, pos, ok, last_instruction_token(kinds))
+                quota = torch.ceil(n_image * self.boundaries[i]).long()
+                image = (kinds == Kind.IMAGE) & ok
+                sub, new_ok = select(ok & (~image | top_image_tokens(scores, image, quota)))
+                h = scatter(h, idx, ok, hp)  # dropped tokens keep the state they have now
+                idx, ok = gather(idx, sub), new_ok
+                hp, pos, kinds = gather(hp, sub), gather(pos, sub), gather(kinds, sub)
+                pe = (gather(pe[0], sub), gather(pe[1], sub))
+                bias = attention_bias(pos, ok, pos, ok, h.dtype)
+            layer_input = hp
+            self.stats.record(ok, ok)
+            hp = run_layer(llm, layer, hp, bias, pe, pos)
+        return llm.norm(scatter(h, idx, ok, hp))
