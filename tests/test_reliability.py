@@ -1,0 +1,80 @@
+"""Reliability: same seed → same metrics; a non-finite loss stops the run with a clear message and keeps
+the last good checkpoint; checkpoints load with weights_only."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from segrouter.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as f:
+        return [{k: v for k, v in r.items() if "latency" not in k} for r in csv.DictReader(f)]
+
+
+def test_same_seed_gives_identical_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = []
+    for name in ("a", "b"):
+        monkeypatch.delenv("SEGROUTER_RUN_VERSION", raising=False)
+        assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}", f"name={name}", "trainer.max_steps=4"]) == 0
+        runs.append(_rows(tmp_path / name / "version_0"))
+    assert runs[0] == runs[1] and any(r.get("val/ciou") for r in runs[0])
+    monkeypatch.delenv("SEGROUTER_RUN_VERSION", raising=False)
+    assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}", "name=c", "seed=1", "trainer.max_steps=4"]) == 0
+    assert _rows(tmp_path / "c" / "version_0") != runs[0]
+
+
+POISON = """
+import torch
+from segrouter.registry import register
+from segrouter.routing.full import FullRouting
+
+
+@register("routing", "poison_after")
+class PoisonAfter(FullRouting):
+    \"\"\"Full routing whose output turns NaN from the second training call on (a simulated blow-up).\"\"\"
+
+    calls = 0
+
+    def forward(self, llm, seq):
+        out = super().forward(llm, seq)
+        if self.training:
+            type(self).calls += 1
+            if type(self).calls >= 2:
+                return out * float("nan")
+        return out
+"""
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "poison.py").write_text(POISON)
+    out = f"output_dir={tmp_path}"
+    assert main(["fit", "--recipe", TINY, out]) == 0
+    last = tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    capsys.readouterr()
+    rc = main(["fit", "--recipe", TINY, out, "--plugins", str(plugins), "--resume", "trainer.max_steps=6",
+               "model.routing.name=poison_after"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "non-finite loss (nan) at global step 3" in err[0]
+    assert last.read_bytes() == before  # the last good checkpoint is untouched
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+
+
+def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
+    assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}"]) == 0
+    ckpt = torch.load(tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "state_dict" in ckpt and ckpt["hyper_parameters"]["recipe"]["name"] == "tiny"
