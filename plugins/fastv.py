@@ -33,11 +33,12 @@ from segrouter.routing.base import (
     TokenSequence,
     attention_bias,
     gather,
+    received_attention,
     run_layer,
     scatter,
     select,
 )
-from segrouter.routing.pdrop import last_instruction_token, received_attention, top_image_tokens
+from segrouter.routing.pdrop import last_instruction_token, top_image_tokens
 
 
 @register("routing", "fastv")

@@ -116,12 +116,15 @@ def test_every_expression_names_exactly_the_masked_object(train: SyntheticReferr
         assert np.array_equal(train[i]["mask"].numpy().astype(bool), scene.objects[scene.target].mask)
 
 
-def test_all_forms_appear_and_relations_can_be_switched_off(train: SyntheticReferringDataset) -> None:
+def test_all_forms_appear_and_forms_can_be_restricted(train: SyntheticReferringDataset) -> None:
     modifiers = {train.scene(i).expression.target.modifier for i in range(N)}
     assert {None, "leftmost", "larger"} <= modifiers
     assert any(train.scene(i).expression.relation for i in range(N))
-    plain = SyntheticReferringDataset("train", num_samples=N, relations=False)
+    plain = SyntheticReferringDataset("train", num_samples=N, forms=("attribute", "position", "size"))
     assert not any(plain.scene(i).expression.relation for i in range(N))
+    attribute = SyntheticReferringDataset("train", num_samples=N, forms=("attribute",))
+    assert all(attribute.scene(i).expression.target.modifier is None for i in range(N))
+    assert not any(attribute.scene(i).expression.relation for i in range(N))
 
 
 def test_describe_matches_semantics() -> None:

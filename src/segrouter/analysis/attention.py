@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from segrouter.routing.base import Kind, attention_bias, attention_probs, run_layer
+from segrouter.routing.base import Kind, attention_bias, received_attention, run_layer
 
 GROUPS = {"mask": Kind.MASK, "text": Kind.TEXT, "image": Kind.IMAGE}
 
@@ -33,11 +33,11 @@ def attention_profile(model: Any, batches: list[dict[str, Any]]) -> dict[str, li
             pe = llm.rotary(h, pos)
             to_image = (seq.kinds == Kind.IMAGE).to(h.dtype)
             for i, layer in enumerate(llm.layers):
-                probs = attention_probs(layer, h, pe, bias).mean(dim=1)  # (B, L, L)
-                mass = (probs * to_image[:, None, :]).sum(-1)  # (B, L): attention on image keys per query
                 for g, kind in GROUPS.items():
                     q = seq.kinds == kind
-                    sums[g][i] += float(mass[q].sum())
+                    # mean over this group's queries of their attention mass on image keys, per sample
+                    mass = (received_attention(layer, h, pe, pos, valid, q) * to_image).sum(-1)
+                    sums[g][i] += float((mass * q.sum(1)).sum())
                     if i == 0:
                         counts[g] += int(q.sum())
                 h = run_layer(llm, layer, h, bias, pe, pos)

@@ -65,6 +65,7 @@ SHAPES: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = {
 }
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+FORMS: tuple[str, ...] = ("attribute", "position", "size", "relation")  # kinds of referring expression
 POSITION_MODIFIERS: tuple[str, ...] = ("leftmost", "rightmost", "topmost", "bottommost")
 SIZE_MODIFIERS: tuple[str, ...] = ("larger", "smaller", "largest", "smallest")
 _COMPARATIVES = ("larger", "smaller")  # only between exactly two objects
@@ -200,7 +201,7 @@ class SyntheticReferringDataset(Dataset):
         seed: int = 0,
         min_objects: int = 2,
         max_objects: int = 3,
-        relations: bool = True,
+        forms: tuple[str, ...] = FORMS,
         shapes: tuple[str, ...] = ("circle", "square", "triangle"),
         colours: tuple[str, ...] = ("red", "green", "blue", "yellow"),
         min_size: float = 0.15,
@@ -218,14 +219,14 @@ class SyntheticReferringDataset(Dataset):
         )
         _check(0.0 < min_size <= max_size <= 0.8, f"need 0 < min_size <= max_size <= 0.8, got {min_size}, {max_size}")
         _check(0.0 <= noise <= 0.5, f"noise must be in [0, 0.5], got {noise}")
-        for name, chosen, known in (("shapes", shapes, SHAPES), ("colours", colours, COLOURS)):
+        for name, chosen, known in (("shapes", shapes, SHAPES), ("colours", colours, COLOURS), ("forms", forms, FORMS)):
             unknown = [c for c in chosen if c not in known]
             _check(bool(chosen) and not unknown, f"{name} must be a non-empty subset of {', '.join(known)}")
         self.split = split
         self.image_size = image_size
         self.seed = seed
         self.min_objects, self.max_objects = min_objects, max_objects
-        self.relations = relations
+        self.forms = tuple(forms)
         self.shapes, self.colours = tuple(shapes), tuple(colours)
         self.min_size, self.max_size = min_size, max_size
         self.noise = noise
@@ -257,7 +258,8 @@ class SyntheticReferringDataset(Dataset):
             if objects is None:
                 continue
             for target in rng.permutation(len(objects)):
-                forms = [f for f in _descriptions(objects, int(target), self.relations, self.image_size) if f]
+                described = _descriptions(objects, int(target), "relation" in self.forms, self.image_size)
+                forms = [f for name, f in zip(FORMS, described) if f and name in self.forms]
                 if forms:
                     choices = forms[rng.integers(len(forms))]
                     expression = choices[rng.integers(len(choices))]
@@ -265,7 +267,7 @@ class SyntheticReferringDataset(Dataset):
         raise RecipeError(
             f"synthetic dataset cannot make a scene with {self.max_objects} objects of size up to "
             f"{self.max_size} in {self.image_size}px that some expression describes uniquely",
-            fix="lower max_objects or max_size, raise image_size, or allow more shapes, colours or relations",
+            fix="lower max_objects or max_size, raise image_size, or allow more shapes, colours or forms",
         )
 
     def _place_objects(self, rng: np.random.Generator) -> tuple[SceneObject, ...] | None:

@@ -34,6 +34,7 @@ class HFCausalLM(CausalLLM):
         num_kv_heads: int | None = None,
         intermediate_size: int | None = None,
         rope_theta: float = 10000.0,
+        initializer_range: float = 0.02,
         attn_implementation: Literal["sdpa", "eager"] = "sdpa",
         gradient_checkpointing: bool = False,
     ) -> None:
@@ -60,6 +61,7 @@ class HFCausalLM(CausalLLM):
                 intermediate_size=intermediate_size or 4 * hidden_size,
                 max_position_embeddings=4096,
                 rope_theta=rope_theta,
+                initializer_range=initializer_range,
                 tie_word_embeddings=False,
                 pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id,

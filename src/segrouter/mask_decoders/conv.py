@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -16,20 +18,33 @@ class ConvDecoder(MaskDecoder):
     prompts (through a small MLP) is dotted with every pixel embedding, as in CondInst/Mask2Former heads."""
 
     def __init__(
-        self, vision_dim: int, grid_size: tuple[int, int], /, *, embed_dim: int = 64, upscale: int = 4
+        self,
+        vision_dim: int,
+        grid_size: tuple[int, int],
+        /,
+        *,
+        embed_dim: int = 64,
+        upscale: int = 4,
+        conditioning: Literal["dot", "film"] = "dot",
     ) -> None:
         super().__init__()
         self.prompt_dim = embed_dim
+        self.conditioning = conditioning
         layers: list[nn.Module] = [nn.Conv2d(vision_dim, embed_dim, 3, padding=1), nn.GELU()]
         s = 1
         while s < upscale:
             layers += [nn.ConvTranspose2d(embed_dim, embed_dim, 2, stride=2), nn.GroupNorm(1, embed_dim), nn.GELU()]
             s *= 2
         self.pixels = nn.Sequential(*layers)
-        self.prompt_mlp = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim))
+        out = 2 * embed_dim if conditioning == "film" else embed_dim
+        self.prompt_mlp = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, out))
+        self.head = nn.Sequential(nn.Conv2d(embed_dim, embed_dim, 3, padding=1), nn.GELU(), nn.Conv2d(embed_dim, 1, 1)) if conditioning == "film" else None
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, features: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         pix = self.pixels(features)
         q = self.prompt_mlp(prompts.mean(dim=1))
+        if self.head is not None:
+            gamma, beta = q[..., None, None].chunk(2, dim=1)
+            return self.head(torch.nn.functional.gelu(pix * (1 + gamma) + beta))[:, 0]
         return torch.einsum("bchw,bc->bhw", pix, q) / pix.shape[1] ** 0.5 + self.bias

@@ -148,23 +148,37 @@ def ffn_update(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return layer.mlp(layer.post_attention_layernorm(hidden))
 
 
-def attention_probs(
-    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the LLaMA/Qwen2 rotate-half convention; x (B, H, L, hd), cos/sin (B, L, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+@torch.no_grad()
+def received_attention(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    queries: torch.Tensor,
 ) -> torch.Tensor:
-    """Attention probabilities (B, heads, L, L) the layer would compute on ``hidden``.
+    """Attention each token receives in ``layer`` (B, L): softmax weights from the ``queries`` tokens,
+    averaged over heads and over those queries. ``hidden`` is the layer's input.
 
-    Recomputed from the layer's own q/k projections and RoPE, so it works whatever attention kernel the
-    LLM runs (SDPA never returns weights). Used by attention-based token selection and by the analysis.
+    Recomputed from the layer's q/k projections because fused kernels (sdpa, flash) never materialise
+    the weights; only the query rows asked for are computed, so one query costs one row. Used to rank
+    tokens (FastV, PyramidDrop, token routing's attention rule) and by ``segrouter analyze attention``.
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     attn = layer.self_attn
-    b, length, _ = hidden.shape
-    normed = layer.input_layernorm(hidden)
-    q = attn.q_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    x = layer.input_layernorm(hidden)
+    qi, qok = select(queries & valid)
+    xq, qpos = gather(x, qi), gather(positions, qi)
     cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q @ k.transpose(-1, -2)) * attn.scaling + bias
-    return scores.softmax(dim=-1)
+    b, hd = x.shape[0], attn.head_dim
+    q = _rope(attn.q_proj(xq).view(b, xq.shape[1], -1, hd).transpose(1, 2), gather(cos, qi), gather(sin, qi))
+    k = _rope(attn.k_proj(x).view(b, x.shape[1], -1, hd).transpose(1, 2), cos, sin)
+    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
+    logits = (q @ k.transpose(-1, -2)) * attn.scaling + attention_bias(qpos, qok, positions, valid, q.dtype)
+    probs = logits.softmax(dim=-1).mean(dim=1) * qok[..., None]  # (B, M, L); padding query rows zeroed
+    return probs.sum(dim=1) / qok.sum(dim=1, keepdim=True).clamp(min=1)

@@ -9,14 +9,13 @@ from all later layers and keep the hidden state they had when dropped.
 last TEXT token before the first MASK token (with teacher-forced answers, the token right before the mask
 token is emitted — the state the mask token conditions on). Without a MASK token it is the last TEXT token.
 
-The ranking helpers here (:func:`received_attention`, :func:`last_instruction_token`,
-:func:`top_image_tokens`) are public: FastV (``plugins/fastv.py``) and Mixture-of-Depths reuse them.
+The ranking helpers here (:func:`last_instruction_token`, :func:`top_image_tokens`) are public: FastV
+(``plugins/fastv.py``) and Mixture-of-Depths reuse them, with :func:`segrouter.routing.base.received_attention`.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from segrouter.errors import RecipeError
 from segrouter.llms.base import CausalLLM
@@ -28,45 +27,11 @@ from segrouter.routing.base import (
     TokenSequence,
     attention_bias,
     gather,
+    received_attention,
     run_layer,
     scatter,
     select,
 )
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the LLaMA/Qwen2 rotate-half convention; x (B, H, L, hd), cos/sin (B, L, hd)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
-
-
-@torch.no_grad()
-def received_attention(
-    layer: nn.Module,
-    hidden: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    positions: torch.Tensor,
-    valid: torch.Tensor,
-    queries: torch.Tensor,
-) -> torch.Tensor:
-    """Attention each token receives in ``layer`` (B, L): softmax weights from the ``queries`` tokens,
-    averaged over heads and over those queries. ``hidden`` is the layer's input.
-
-    Recomputed from the layer's q/k projections because fused kernels (sdpa, flash) never materialise
-    the weights; only the query rows asked for are computed, so one query costs one row.
-    """
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    qi, qok = select(queries & valid)
-    xq, qpos = gather(x, qi), gather(positions, qi)
-    cos, sin = position_embeddings
-    b, hd = x.shape[0], attn.head_dim
-    q = _rope(attn.q_proj(xq).view(b, xq.shape[1], -1, hd).transpose(1, 2), gather(cos, qi), gather(sin, qi))
-    k = _rope(attn.k_proj(x).view(b, x.shape[1], -1, hd).transpose(1, 2), cos, sin)
-    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
-    logits = (q @ k.transpose(-1, -2)) * attn.scaling + attention_bias(qpos, qok, positions, valid, q.dtype)
-    probs = logits.softmax(dim=-1).mean(dim=1) * qok[..., None]  # (B, M, L); padding query rows zeroed
-    return probs.sum(dim=1) / qok.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 def last_instruction_token(kinds: torch.Tensor) -> torch.Tensor:

@@ -44,10 +44,10 @@ from segrouter.routing.base import (
     RoutingStrategy,
     TokenSequence,
     attention_bias,
-    attention_probs,
     attention_residual,
     ffn_update,
     gather,
+    received_attention,
     run_layer,
     scatter,
     select,
@@ -177,25 +177,22 @@ class TokenRouting(RoutingStrategy):
         logits = logits.masked_fill(d2 > kth, float("-inf"))
         return logits.softmax(dim=-1).to(seq.embeds.dtype)
 
-    def _choose(self, i: int, layer: nn.Module, h: torch.Tensor, seq: TokenSequence, active: torch.Tensor,
+    def _choose(self, i: int, layer: nn.Module, h: torch.Tensor, layer_input: torch.Tensor, active: torch.Tensor,
                 is_image: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor,
-                pe_bias: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Proxy mask (B, L) for layer ``i`` and, for the score rule, the per-token update weights."""
         if self.proxy_rule == "grid":
             return prior, None
+        weight = None
         if self.proxy_rule == "score":
             s = self.scorers[str(i)](layer.post_attention_layernorm(h)).squeeze(-1)
             ranking = s + prior.to(s.dtype)  # the grid prior wins while the zero-initialised scores are small
             weight = torch.where(is_image, 1 + self.score_alpha * torch.tanh(s), torch.ones_like(s))
-        else:
-            assert pe_bias is not None
-            pe, bias, idx, ok = pe_bias
-            probs = attention_probs(layer, gather(h, idx), pe, bias).mean(dim=1)  # (B, M, M)
-            queries = gather(active & ~is_image, idx) & ok
-            received = (probs * queries[..., None]).sum(dim=1)
-            ranking = scatter(torch.zeros_like(h[..., 0]).unsqueeze(-1), idx, ok, received.unsqueeze(-1)).squeeze(-1)
-            weight = None
+        else:  # attention received from the text and mask tokens in this layer
+            idx, ok, p_a, pe = packed
+            received = received_attention(layer, gather(layer_input, idx), pe, p_a, ok, gather(active & ~is_image, idx))
+            ranking = scatter(torch.zeros_like(h[..., :1]), idx, ok, received.unsqueeze(-1)).squeeze(-1)
         ranking = ranking.masked_fill(~is_image, float("-inf"))
         top = ranking.topk(int(counts.max()), dim=1).indices
         keep = torch.arange(top.shape[1], device=h.device)[None] < counts[:, None]
@@ -231,8 +228,9 @@ class TokenRouting(RoutingStrategy):
                 self.stats.record(active, active)
                 h = scatter(h, idx, ok, run_layer(llm, layer, gather(h, idx), bias, pe, p_a))
                 continue
+            layer_input = h
             h = scatter(h, idx, ok, attention_residual(layer, gather(h, idx), bias, pe))
-            proxies, weight = self._choose(i, layer, h, seq, active, is_image, counts, prior, (pe, bias, idx, ok))
+            proxies, weight = self._choose(i, layer, h, layer_input, active, is_image, counts, prior, (idx, ok, p_a, pe))
             ffn_active = active & ~(is_image & ~proxies)
             self.stats.record(active, ffn_active)
             f_idx, f_ok = select(ffn_active)
