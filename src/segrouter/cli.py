@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Any
 
-from segrouter import bench, compare, sweep
+from segrouter import bench, compare, consolidate, predict, sweep
 from segrouter.analysis import attention
 from segrouter.errors import SegrouterError
 
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--ckpt", help="checkpoint (default: the newest run's best)")
     bench.add_parser(sub)
+    predict.add_parser(sub)
+    consolidate.add_parser(sub)
     attention.add_parser(sub)
     compare.add_compare_parser(sub)
     sweep.add_sweep_parser(sub)
@@ -121,6 +123,8 @@ COMMANDS = {
     "analyze": attention.cmd_analyze,
     "compare": compare.cmd_compare,
     "sweep": sweep.cmd_sweep,
+    "predict": predict.cmd_predict,
+    "consolidate": consolidate.cmd_consolidate,
 }
 
 

@@ -38,6 +38,18 @@ class LossConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA on the LLM (LISA: r=8, alpha=16, dropout 0.05 on q_proj/v_proj). When enabled the LLM's base
+    weights are frozen except the token embeddings and LM head, which must learn the new special tokens."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
 class ModelConfig:
     vision_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "timm_vit"})
     compressor: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})
@@ -47,6 +59,8 @@ class ModelConfig:
     image_size: int = 64
     num_mask_tokens: int = 1
     loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    freeze_vision: bool = False  # LISA keeps the (pretrained) vision tower frozen
 
 
 @dataclass
@@ -246,6 +260,9 @@ def validate_components(cfg: DictConfig) -> None:
     for key, kind in MODEL_COMPONENTS.items():
         registry(kind).validate(OmegaConf.to_container(cfg.model[key]), where=f"model.{key}")
     registry("dataset").validate(OmegaConf.to_container(cfg.data.dataset), where="data.dataset")
+    lora = cfg.model.lora
+    if lora.enabled and (lora.r < 1 or not lora.targets):
+        raise RecipeError("LoRA needs r >= 1 and at least one target module", where="model.lora", fix="e.g. r: 8, targets: [q_proj, v_proj]")
     if cfg.model.num_mask_tokens < 1:
         raise RecipeError("must be >= 1", where="model.num_mask_tokens")
     if "{expression}" not in cfg.data.prompt:

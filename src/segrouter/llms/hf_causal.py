@@ -96,3 +96,4 @@ class HFCausalLM(CausalLLM):
     def hf_hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The stock HF forward (final-norm output); the reference the ``full`` routing must reproduce."""
         return self.model.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+

@@ -31,6 +31,33 @@ from segrouter.text import IMAGE_TOKEN, mask_token_names
 SPLITS = ("val", "test")
 
 
+def apply_lora(llm: nn.Module, lora: DictConfig) -> None:
+    """Add LoRA adapters to ``lora.targets`` in place and freeze the rest of the LLM, as LISA does.
+
+    ``inject_adapter_in_model`` swaps each target ``nn.Linear`` for a LoRA layer inside its parent module,
+    so ``llm.layers`` (which the routing strategies call directly) runs the adapters with no wrapper model
+    in between. LoRA's B starts at zero: at init the model computes exactly what it did without LoRA. The
+    token embeddings and LM head stay trainable: the ``<image>``/``[SEG]`` rows are new and must be learnt.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    llm.requires_grad_(False)
+    config = LoraConfig(r=int(lora.r), lora_alpha=int(lora.alpha), lora_dropout=float(lora.dropout),
+                        target_modules=list(lora.targets), bias="none")
+    try:
+        inject_adapter_in_model(config, llm)
+    except ValueError as exc:
+        raise SegrouterError(f"LoRA: {str(exc).splitlines()[0]}", where="model.lora.targets",
+                             fix="name Linear modules of the LLM, e.g. q_proj, k_proj, v_proj, o_proj") from None
+    for name, p in llm.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+    llm.lm_head.requires_grad_(True)
+    for module in llm.modules():
+        if isinstance(module, nn.Embedding):
+            module.requires_grad_(True)
+
+
 class SegmentationMLLM(L.LightningModule):
     """Built from a validated recipe and the tokenizer the data module uses."""
 
@@ -55,6 +82,10 @@ class SegmentationMLLM(L.LightningModule):
         )
         d = self.llm.hidden_size
         self.text_proj = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, self.mask_decoder.prompt_dim))
+        if m.lora.enabled:
+            apply_lora(self.llm, m.lora)
+        if m.freeze_vision:
+            self.vision.requires_grad_(False)
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
         self.mask_token_ids = [int(i) for i in tokenizer.convert_tokens_to_ids(mask_token_names(int(m.num_mask_tokens)))]
         self.loss_w = m.loss

@@ -1,0 +1,165 @@
+"""``segrouter predict``: masks for your own images and expressions from a trained checkpoint.
+
+One image (``--image --text --out [--overlay]``), a JSON-lines file (``--jsonl``: one
+``{"image", "text", "out"[, "overlay"]}`` per line, relative paths taken from the file's folder) or a folder
+(``--folder DIR --text ... --out-dir OUT``: ``OUT/<stem>_mask.png`` and ``<stem>_overlay.png`` per image).
+Images are resized as in training (longest side + pad, see :mod:`segrouter.datasets.refcoco`); the mask
+is cropped back out of the padding and resized to the original size, so it lies on the input pixels.
+Masks are written as 8-bit PNGs, 255 = object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from segrouter.errors import DataError, SegrouterError
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_OVERLAY_RGB = np.array([255, 0, 0], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Job:
+    image: Path
+    text: str
+    out: Path
+    overlay: Path | None
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("predict", help="segment your own images from a checkpoint")
+    p.add_argument("--recipe", required=True, help="the recipe the checkpoint was trained with")
+    p.add_argument("--plugins", action="append", default=[], metavar="DIR", help="extra plugin folder (repeatable)")
+    p.add_argument("--ckpt", help="checkpoint (.ckpt or consolidated DeepSpeed file; default: the newest run's best)")
+    p.add_argument("--image", help="one input image")
+    p.add_argument("--text", help="the referring expression (with --image or --folder)")
+    p.add_argument("--out", help="mask PNG to write (with --image)")
+    p.add_argument("--overlay", help="overlay PNG to write (with --image)")
+    p.add_argument("--jsonl", help='batch file: one {"image", "text", "out"[, "overlay"]} per line')
+    p.add_argument("--folder", help="segment every image in this folder with --text")
+    p.add_argument("--out-dir", help="where --folder writes <stem>_mask.png and <stem>_overlay.png")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+
+
+def _jobs(args: argparse.Namespace) -> list[Job]:
+    modes = [m for m in ("image", "jsonl", "folder") if getattr(args, m)]
+    if len(modes) != 1:
+        raise SegrouterError("give exactly one of --image, --jsonl, --folder", fix="e.g. --image img.png --text 'the dog' --out mask.png")
+    if args.image:
+        if not args.text or not args.out:
+            raise SegrouterError("--image needs --text and --out", fix="add --text '...' --out mask.png")
+        return [Job(Path(args.image), args.text, Path(args.out), Path(args.overlay) if args.overlay else None)]
+    if args.folder:
+        folder = Path(args.folder)
+        if not folder.is_dir() or not args.text or not args.out_dir:
+            raise SegrouterError(f"--folder needs an existing folder, --text and --out-dir (got {folder})", fix="check the arguments")
+        out = Path(args.out_dir)
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) in {folder}", fix="point --folder at your images")
+        return [Job(f, args.text, out / f"{f.stem}_mask.png", out / f"{f.stem}_overlay.png") for f in files]
+    path = Path(args.jsonl)
+    if not path.is_file():
+        raise DataError(f"jsonl file not found: {path}", fix="check --jsonl")
+    jobs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            jobs.append(Job(path.parent / row["image"], str(row["text"]), path.parent / row["out"],
+                            path.parent / row["overlay"] if row.get("overlay") else None))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(f"{path}:{n}: bad line ({type(exc).__name__}: {exc})", fix='write {"image": ..., "text": ..., "out": ...}') from None
+    return jobs
+
+
+def load_weights(model: torch.nn.Module, ckpt: str) -> None:
+    """Load a Lightning checkpoint or a consolidated DeepSpeed file (``segrouter consolidate``) into ``model``."""
+    from segrouter.checkpoints import load_state_dict
+
+    if Path(ckpt).is_dir():
+        raise SegrouterError(f"{ckpt} is a sharded DeepSpeed checkpoint", fix=f"run: segrouter consolidate --ckpt {ckpt} --out model.ckpt")
+    state = load_state_dict(ckpt)
+    state = {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        bad = (missing or unexpected)[0]
+        raise SegrouterError(
+            f"checkpoint {ckpt} does not fit the recipe ({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {bad})",
+            fix="pass the recipe (and overrides) the checkpoint was trained with",
+        )
+
+
+def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: torch.device) -> np.ndarray:
+    """Bool (H, W) mask at the image's own size for one expression."""
+    from segrouter.datasets.refcoco import letterbox, letterbox_size
+
+    size = model.image_size
+    img, _ = letterbox(image, None, size)
+    batch = data.collate([{"image": img, "mask": torch.zeros(size, size), "text": text, "id": "0"}])
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with torch.no_grad():
+        logits = model(batch)["masks"][0].float()
+    h, w = letterbox_size(image.height, image.width, size)
+    full = F.interpolate(logits[None, None, :h, :w], size=(image.height, image.width), mode="bilinear", align_corners=False)
+    return (full[0, 0] > 0).cpu().numpy()
+
+
+def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * _OVERLAY_RGB
+    return Image.fromarray(rgb.round().astype(np.uint8))
+
+
+def _read(path: Path) -> Image.Image:
+    from segrouter.datasets.refcoco import BAD_IMAGE_ERRORS, open_image
+
+    if not path.is_file():
+        raise DataError(f"image not found: {path}", fix="check the image path")
+    try:
+        return open_image(path).convert("RGB")
+    except BAD_IMAGE_ERRORS as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}", fix="pass a valid PNG/JPEG") from None
+
+
+def _write(img: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from segrouter.build import build
+    from segrouter.recipe import load_recipe
+    from segrouter.registry import load_builtins, load_plugins
+    from segrouter.runs import find_eval_checkpoint
+
+    jobs = _jobs(args)
+    for job in jobs:  # fail before the (slow) model build on a path typo
+        if not job.image.is_file():
+            raise DataError(f"image not found: {job.image}", fix="check the image path")
+    load_builtins()
+    load_plugins(args.plugins)
+    cfg = load_recipe(args.recipe, args.overrides)
+    ckpt = find_eval_checkpoint(cfg, args.ckpt)
+    model, data = build(cfg)
+    load_weights(model, ckpt)
+    device = torch.device(args.device)
+    model.to(device).eval()
+    for job in jobs:
+        image = _read(job.image)
+        mask = predict_mask(model, data, image, job.text, device)
+        _write(Image.fromarray(mask.astype(np.uint8) * 255), job.out)
+        if job.overlay is not None:
+            _write(overlay(image, mask), job.overlay)
+        print(f"segrouter: {job.image} → {job.out} ({int(mask.sum())} px)")
