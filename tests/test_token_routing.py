@@ -156,3 +156,17 @@ def test_analyze_attention(tmp_path: Path) -> None:
     prof = attention_profile(model.eval(), [batch])
     assert set(prof) == {"mask", "text", "image"} and len(prof["mask"]) == 2
     assert all(0.0 <= v <= 1.0 for vs in prof.values() for v in vs)
+
+
+def test_composes_with_superpixel_tokens(tmp_path: Path) -> None:
+    """sam_superpixel gives a different token count per image; proxies come from region centroids."""
+    cfg = tiny_cfg(tmp_path, "model.compressor.name=sam_superpixel", "model.compressor.n_segments=12",
+                   "model.compressor.min_area=4", "model.routing.name=token_routing", "model.routing.proxy_ratio=0.25")
+    model, data = build_model(cfg)
+    batch = data.collate([data.dataset("train")[i] for i in range(4)])
+    out = model(batch, flops=True)
+    counts = out["visual_tokens"]
+    assert len(set(counts.tolist())) > 1  # ragged batch
+    ffn = model.routing.stats.as_lists()["ffn_tokens"]
+    assert ffn[-1] < model.routing.stats.as_lists()["attn_tokens"][-1]
+    model.losses(out, batch["mask"])["loss"].backward()

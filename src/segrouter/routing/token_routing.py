@@ -148,18 +148,21 @@ class TokenRouting(RoutingStrategy):
         return torch.full_like(n_image, want).minimum(n_image)
 
     def _grid_prior(self, seq: TokenSequence, is_image: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool: per sample, the image tokens nearest a uniform grid of ``counts[b]`` points."""
+        """(B, L) bool: per sample, the image tokens nearest a uniform grid of ``counts[b]`` points.
+
+        Samples with the same proxy count (all of them, for a fixed patch grid) are handled in one batch.
+        """
         prior = torch.zeros_like(is_image)
-        for b in range(is_image.shape[0]):
-            p = int(counts[b])
+        for p in counts.unique().tolist():
+            rows = (counts == p).nonzero()[:, 0]
             if p == 0:
                 continue
             gy = max(1, round(math.sqrt(p)))
-            gx = math.ceil(p / gy)
-            pts = grid_coords(gy, gx, device=seq.coords.device)[:p]
-            img = is_image[b].nonzero()[:, 0]
-            d = torch.cdist(pts, seq.coords[b, img])
-            prior[b, img[d.argmin(dim=1)]] = True
+            pts = grid_coords(gy, math.ceil(p / gy), device=seq.coords.device)[:p]
+            d = torch.cdist(pts.expand(len(rows), -1, -1), seq.coords[rows])  # (n, p, L)
+            d = d.masked_fill(~is_image[rows, None, :], float("inf"))
+            nearest = d.argmin(dim=-1)  # (n, p)
+            prior[rows[:, None], nearest] = True
         return prior
 
     def _assignment(self, seq: TokenSequence, proxy_idx: torch.Tensor, proxy_ok: torch.Tensor,
