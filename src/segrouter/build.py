@@ -23,4 +23,6 @@ def build(cfg: DictConfig) -> tuple[SegmentationMLLM, SegDataModule]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     vocab = dataset_vocabulary(cfg) + template_words(cfg.data.prompt, cfg.data.answer)
     tokenizer = build_tokenizer(cfg.model.llm.get("path"), vocab, cfg.model.num_mask_tokens)
-    return SegmentationMLLM(cfg, tokenizer), SegDataModule(cfg, tokenizer)
+    data = SegDataModule(cfg, tokenizer)
+    data.dataset("val")  # dataset parameter checks fail here, before the model is built or a run folder exists
+    return SegmentationMLLM(cfg, tokenizer), data

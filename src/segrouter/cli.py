@@ -1,4 +1,4 @@
-"""``segrouter`` command line: fit, validate, test, list.
+"""``segrouter`` command line: fit, validate, test, predict, bench, analyze, compare, sweep, consolidate, list.
 
 Every user-fixable problem ends as one line on stderr and exit code 2 (see :mod:`segrouter.errors`);
 the recipe is loaded and fully validated before any model is built or any file is written.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 import warnings
 from typing import Any
 
@@ -26,6 +27,13 @@ _QUIET = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is a :class:`SegrouterError` (one line, exit code 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        raise SegrouterError(message, fix=f"see '{self.prog} --help'")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
     p.add_argument("--plugins", action="append", default=[], metavar="DIR", help="extra plugin folder (repeatable)")
@@ -33,7 +41,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segrouter", description="Efficient segmentation with multimodal LLMs")
+    parser = _Parser(prog="segrouter", description="Efficient segmentation with multimodal LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="train a recipe")
     _common(fit)
@@ -130,11 +138,15 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)  # overrides may follow options: fit --recipe R --resume a=1
-    if extra:
-        if any(x.startswith("-") for x in extra) or not hasattr(args, "overrides"):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides += extra
+    try:
+        args, extra = parser.parse_known_args(argv)  # overrides may follow options: fit --recipe R --resume a=1
+        if extra:
+            if any(x.startswith("-") for x in extra) or not hasattr(args, "overrides"):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides += extra
+    except SegrouterError as exc:
+        print(f"segrouter: error: {exc}", file=sys.stderr)
+        return 2
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -8,6 +8,8 @@ node against its registered constructor (see :mod:`segrouter.registry`).
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,15 +151,48 @@ class Recipe:
 COMPONENT_PATHS = (*(f"model.{k}" for k in MODEL_COMPONENTS), "data.dataset")
 
 
+def _kind_mismatch(base: Any, override: Any, prefix: str = "") -> str | None:
+    """The first dotted key where ``override`` puts a mapping, list or scalar in place of another kind."""
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return None
+    for k, o in override.items():
+        b = base.get(k)
+        if b is None or o is None:
+            continue
+        kinds = [dict if isinstance(v, dict) else list if isinstance(v, list) else object for v in (b, o)]
+        if kinds[0] is not kinds[1]:
+            return f"{prefix}{k}"
+        found = _kind_mismatch(b, o, f"{prefix}{k}.")
+        if found:
+            return found
+    return None
+
+
+def _where(base: DictConfig, override: DictConfig) -> str | None:
+    try:
+        return _kind_mismatch(OmegaConf.to_container(base, resolve=False), OmegaConf.to_container(override, resolve=False))
+    except Exception:  # only a hint for the message
+        return None
+
+
 def merge(base: DictConfig, override: DictConfig) -> DictConfig:
     """``OmegaConf.merge``, except that a component node whose ``name`` changes is replaced, not merged:
     the new component must not inherit the old one's parameters."""
     base = base.copy()
     for key in COMPONENT_PATHS:
-        new, old = OmegaConf.select(override, key), OmegaConf.select(base, key)
+        try:
+            new, old = OmegaConf.select(override, key), OmegaConf.select(base, key)
+        except OmegaConfBaseException:  # e.g. 'data' is a list here: the merge below reports it
+            continue
         if isinstance(new, DictConfig) and isinstance(old, DictConfig) and "name" in new and new.get("name") != old.get("name"):
             OmegaConf.update(base, key, {}, merge=False)
-    return OmegaConf.merge(base, override)
+    try:
+        return OmegaConf.merge(base, override)
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:  # e.g. a list where the base has a mapping
+        key = getattr(exc, "full_key", None) or _where(base, override)
+        msg = (getattr(exc, "msg", None) or str(exc) or type(exc).__name__).splitlines()[0]
+        raise RecipeError(f"cannot merge: {msg}", where=str(key) if key else None,
+                          fix="a value must keep the kind (mapping, list or scalar) it has in the base recipe") from None
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -217,13 +252,16 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
             raise RecipeError(f"override '{o}' is not key=value", fix="write overrides like trainer.max_steps=100")
     try:
         return OmegaConf.from_dotlist(list(overrides))
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"bad override value: {problem}", fix="quote the value or fix its YAML syntax") from None
     except OmegaConfBaseException as exc:
         raise RecipeError(f"bad override: {exc.msg if hasattr(exc, 'msg') else exc}", fix="write key=value") from None
 
 
 def _schema_error(exc: OmegaConfBaseException, schema: DictConfig) -> RecipeError:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
-    msg = getattr(exc, "msg", str(exc)).splitlines()[0]
+    msg = (getattr(exc, "msg", None) or str(exc) or type(exc).__name__).splitlines()[0]
     parent_path, _, leaf = str(key).rpartition(".")
     parent = OmegaConf.select(schema, parent_path) if parent_path else schema
     known = list(parent.keys()) if isinstance(parent, DictConfig) else []
@@ -250,9 +288,33 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
         cfg = OmegaConf.merge(schema, raw)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
+        if not (getattr(exc, "full_key", None) or getattr(exc, "key", None)):
+            exc.full_key = _where(schema, raw)  # e.g. "str is not a subclass of LossConfig" names no key
         raise _schema_error(exc, schema) from None
+    except (TypeError, ValueError) as exc:  # omegaconf's "Cannot merge incompatible container types"
+        raise RecipeError(f"wrong type: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                          where=_where(schema, raw),
+                          fix="a mapping, list or scalar must keep the kind the schema gives it") from None
+    for key, item_type in _typed_lists(Recipe):  # omegaconf lets a mapping through as an item of list[str]
+        for item in OmegaConf.select(cfg, key) or []:
+            if isinstance(item, (DictConfig, ListConfig)):
+                raise RecipeError(f"expected a list of {item_type.__name__}, got an item {OmegaConf.to_container(item)!r}",
+                                  where=key, fix="fix the value's type")
     validate_components(cfg)
     return cfg
+
+
+def _typed_lists(cls: type, prefix: str = "") -> list[tuple[str, type]]:
+    """(dotted key, item type) of every schema field typed as a list of scalars."""
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[str, type]] = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += _typed_lists(hint, f"{prefix}{f.name}.")
+        elif typing.get_origin(hint) is list and typing.get_args(hint)[0] in (str, int, float, bool):
+            out.append((f"{prefix}{f.name}", typing.get_args(hint)[0]))
+    return out
 
 
 def validate_components(cfg: DictConfig) -> None:

@@ -215,7 +215,7 @@ def load_plugin_file(path: Path) -> None:
     except SegrouterError:
         del sys.modules[mod_name]
         raise
-    except Exception as exc:  # a broken plugin must not look like a framework crash
+    except (Exception, SystemExit) as exc:  # a broken plugin must not look like a framework crash (or exit)
         del sys.modules[mod_name]
         raise SegrouterError(
             f"plugin file {path} failed to import: {type(exc).__name__}: {exc}",

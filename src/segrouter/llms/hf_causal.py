@@ -52,6 +52,12 @@ class HFCausalLM(CausalLLM):
                     where="model.llm",
                     fix="pick num_heads dividing hidden_size",
                 )
+            if (hidden_size // num_heads) % 2:
+                raise SegrouterError(
+                    f"head size {hidden_size // num_heads} (hidden_size {hidden_size} / num_heads {num_heads}) is odd",
+                    where="model.llm",
+                    fix="rotary position embeddings need an even head size",
+                )
             config = _CONFIGS[family](
                 vocab_size=len(tokenizer),
                 hidden_size=hidden_size,
