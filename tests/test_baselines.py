@@ -231,3 +231,17 @@ def test_recipe_validates_and_builds(tmp_path: Path, recipe: str) -> None:
     assert out["masks"].shape == (2, 64, 64) and out["llm_flops"] > 0
     expected_tokens = 64 if nodes["compressor"]["name"] == "mlp" else 16  # the baselines compress 8×8 to 16
     assert out["visual_tokens"].tolist() == [expected_tokens] * 2
+
+
+def test_slic_superpixel_is_the_ssp_projector_with_slic_regions(tmp_path) -> None:
+    from conftest import build_model, tiny_cfg
+
+    from segrouter.superpixels import SLICGenerator
+
+    cfg = tiny_cfg(tmp_path, "model.compressor.name=slic_superpixel", "model.compressor.n_segments=6",
+                   "model.compressor.min_area=4")
+    model, data = build_model(cfg)
+    assert isinstance(model.compressor.generator, SLICGenerator)
+    batch = data.collate([data.dataset("train")[i] for i in range(2)])
+    out = model(batch)
+    assert 1 <= int(out["visual_tokens"].max()) <= 16
