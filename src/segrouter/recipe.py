@@ -151,6 +151,11 @@ class Recipe:
 COMPONENT_PATHS = (*(f"model.{k}" for k in MODEL_COMPONENTS), "data.dataset")
 
 
+def _first_line(exc: Exception) -> str:
+    """The first line of an omegaconf/Python error message (omegaconf keeps it in ``msg``)."""
+    return (getattr(exc, "msg", None) or str(exc) or type(exc).__name__).splitlines()[0]
+
+
 def _kind_mismatch(base: Any, override: Any, prefix: str = "") -> str | None:
     """The first dotted key where ``override`` puts a mapping, list or scalar in place of another kind."""
     if not isinstance(base, dict) or not isinstance(override, dict):
@@ -190,8 +195,7 @@ def merge(base: DictConfig, override: DictConfig) -> DictConfig:
         return OmegaConf.merge(base, override)
     except (OmegaConfBaseException, TypeError, ValueError) as exc:  # e.g. a list where the base has a mapping
         key = getattr(exc, "full_key", None) or _where(base, override)
-        msg = (getattr(exc, "msg", None) or str(exc) or type(exc).__name__).splitlines()[0]
-        raise RecipeError(f"cannot merge: {msg}", where=str(key) if key else None,
+        raise RecipeError(f"cannot merge: {_first_line(exc)}", where=str(key) if key else None,
                           fix="a value must keep the kind (mapping, list or scalar) it has in the base recipe") from None
 
 
@@ -261,7 +265,7 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
 
 def _schema_error(exc: OmegaConfBaseException, schema: DictConfig) -> RecipeError:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
-    msg = (getattr(exc, "msg", None) or str(exc) or type(exc).__name__).splitlines()[0]
+    msg = _first_line(exc)
     parent_path, _, leaf = str(key).rpartition(".")
     parent = OmegaConf.select(schema, parent_path) if parent_path else schema
     known = list(parent.keys()) if isinstance(parent, DictConfig) else []
@@ -292,7 +296,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
             exc.full_key = _where(schema, raw)  # e.g. "str is not a subclass of LossConfig" names no key
         raise _schema_error(exc, schema) from None
     except (TypeError, ValueError) as exc:  # omegaconf's "Cannot merge incompatible container types"
-        raise RecipeError(f"wrong type: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+        raise RecipeError(f"wrong type: {_first_line(exc)}",
                           where=_where(schema, raw),
                           fix="a mapping, list or scalar must keep the kind the schema gives it") from None
     for key, item_type in _typed_lists(Recipe):  # omegaconf lets a mapping through as an item of list[str]

@@ -9,6 +9,14 @@ from segrouter.compressors.base import Compressor, VisualTokens, grid_coords
 from segrouter.registry import register
 
 
+def projection(in_dim: int, out_dim: int, depth: int) -> nn.Sequential:
+    """LLaVA-1.5's projector shape: ``depth`` Linear layers with GELU between (``mlp2x_gelu`` for 2)."""
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    for _ in range(depth - 1):
+        layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+    return nn.Sequential(*layers)
+
+
 @register("compressor", "mlp")
 class MLPProjector(Compressor):
     """No compression: the baseline every token-saving method is measured against (``depth`` Linear
@@ -16,10 +24,7 @@ class MLPProjector(Compressor):
 
     def __init__(self, in_dim: int, out_dim: int, grid_size: tuple[int, int], /, *, depth: int = 2) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
-        for _ in range(depth - 1):
-            layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
-        self.proj = nn.Sequential(*layers)
+        self.proj = projection(in_dim, out_dim, depth)
         self.register_buffer("coords", grid_coords(*grid_size), persistent=False)
 
     def forward(self, features: torch.Tensor, images: torch.Tensor) -> VisualTokens:

@@ -33,6 +33,7 @@ from scipy.ndimage import find_objects
 from torch import nn
 
 from segrouter.compressors.base import Compressor, VisualTokens
+from segrouter.compressors.mlp import projection
 from segrouter.errors import RecipeError, SegrouterError
 from segrouter.registry import register
 from segrouter.superpixels import PartitionCache, SAMAutomaticMaskGenerator, SLICGenerator
@@ -192,10 +193,7 @@ class SAMSuperpixelProjector(Compressor):
         self.cache = PartitionCache(cache_dir)
         self.grid_size = tuple(grid_size)
         self.aggregator = SuperpixelAggregator(in_dim, aggregator_heads, context_tokens) if aggregator else None
-        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
-        for _ in range(depth - 1):
-            layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
-        self.proj = nn.Sequential(*layers)
+        self.proj = projection(in_dim, out_dim, depth)
         self.sspe = (
             nn.Sequential(nn.Linear(GEOMETRY_DIM, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
             if positional_embedding

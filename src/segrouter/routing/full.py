@@ -13,9 +13,6 @@ from segrouter.routing.base import LayerStats, RoutingStrategy, TokenSequence, a
 class FullRouting(RoutingStrategy):
     """The baseline all routing strategies are compared against."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
         h, pos, valid = seq.embeds, seq.positions, seq.valid
         bias = attention_bias(pos, valid, pos, valid, h.dtype)

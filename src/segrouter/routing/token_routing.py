@@ -142,10 +142,9 @@ class TokenRouting(RoutingStrategy):
 
     # ------------------------------------------------------------------------------------ proxies
     def _proxy_count(self, n_image: torch.Tensor) -> torch.Tensor:
-        want = self.num_proxies if self.num_proxies is not None else None
-        if want is None:
+        if self.num_proxies is None:
             return torch.clamp((n_image.float() * self.proxy_ratio).ceil().long(), min=1).minimum(n_image)
-        return torch.full_like(n_image, want).minimum(n_image)
+        return torch.full_like(n_image, self.num_proxies).minimum(n_image)
 
     def _grid_prior(self, seq: TokenSequence, is_image: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: per sample, the image tokens nearest a uniform grid of ``counts[b]`` points.
@@ -217,7 +216,7 @@ class TokenRouting(RoutingStrategy):
         spacing = 1.0 / counts.clamp(min=1).float().sqrt()
         self.stats = LayerStats()
         phases: dict[bool, tuple] = {}
-        cached_assign: tuple | None = None
+        cached_assign: torch.Tensor | None = None  # grid proxies are fixed, so is their assignment
         for i, layer in enumerate(llm.layers):
             early = i < self.insert_layer
             if early not in phases:
