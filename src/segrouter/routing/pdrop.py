@@ -105,6 +105,7 @@ class PyramidDrop(RoutingStrategy):
         pe = (gather(cos, idx), gather(sin, idx))
         bias = attention_bias(pos, ok, pos, ok, h.dtype)
         self.stats = LayerStats()
+        layer_input = hp  # the previous layer's input, which ranks tokens at a stage boundary
         for i, layer in enumerate(llm.layers):
             if i in self.boundaries:
                 scores = received_attention(llm.layers[i - 1], layer_input, pe, pos, ok, last_instruction_token(kinds))
