@@ -4,6 +4,10 @@ the last good checkpoint; checkpoints load with weights_only."""
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +82,62 @@ def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
     assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}"]) == 0
     ckpt = torch.load(tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert "state_dict" in ckpt and ckpt["hyper_parameters"]["recipe"]["name"] == "tiny"
+
+
+KILLER = """
+import os
+import signal
+
+from segrouter.registry import register
+from segrouter.routing.full import FullRouting
+
+
+@register("routing", "kill_at")
+class KillAt(FullRouting):
+    \"\"\"Full routing that SIGKILLs its own process at the N-th training forward (N from $KILL_AT_CALL).\"\"\"
+
+    calls = 0
+
+    def forward(self, llm, seq):
+        if self.training:
+            type(self).calls += 1
+            if type(self).calls == int(os.environ.get("KILL_AT_CALL", "0")):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(llm, seq)
+"""
+
+
+def _fit(tmp_path: Path, name: str, *extra: str, kill_at: int = 0) -> subprocess.CompletedProcess[str]:
+    """``segrouter fit`` in a child process (SIGKILL must not take the test down with it)."""
+    env = {**os.environ, "KILL_AT_CALL": str(kill_at)}
+    env.pop("SEGROUTER_RUN_VERSION", None)
+    cmd = [sys.executable, "-m", "segrouter.cli", "fit", "--recipe", TINY, "--plugins", str(tmp_path / "plugins"),
+           f"output_dir={tmp_path}", f"name={name}", "model.routing.name=kill_at",
+           # 8 batches per epoch, 14 steps: the kill and the resume fall in the second epoch, mid-epoch
+           "trainer.max_steps=14", "trainer.val_check_interval=7", "checkpoint.every_n_train_steps=3", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "killer.py").write_text(KILLER)
+    assert _fit(tmp_path, "whole").returncode == 0
+
+    killed = _fit(tmp_path, "resumed", kill_at=11)  # dies inside step 11; last.ckpt is from step 9
+    assert killed.returncode == -signal.SIGKILL
+    ckpt_dir = tmp_path / "resumed" / "version_0" / "checkpoints"
+    assert not list(ckpt_dir.glob("*.tmp"))  # no half-written checkpoint
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 9
+    resumed = _fit(tmp_path, "resumed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    final = {}
+    for name in ("whole", "resumed"):
+        ckpt = torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 14
+        val = [r for r in _rows(tmp_path / name / "version_0") if r.get("val/ciou")]
+        final[name] = (ckpt["state_dict"], val[-1])
+    (w_whole, m_whole), (w_res, m_res) = final["whole"], final["resumed"]
+    assert w_whole.keys() == w_res.keys()
+    assert all(torch.equal(w_whole[k], w_res[k]) for k in w_whole), "resumed weights differ"
+    assert m_whole == m_res

@@ -120,6 +120,7 @@ class CheckpointConfig:
     mode: str = "max"
     save_last: bool = True
     save_top_k: int = 1
+    every_n_train_steps: int | None = None  # also write last.ckpt every N steps (mid-epoch resume points)
 
 
 @dataclass
@@ -337,6 +338,8 @@ def validate_components(cfg: DictConfig) -> None:
         raise RecipeError("answer template has no {mask_tokens}", where="data.answer", fix="e.g. 'it is {mask_tokens}'")
     if cfg.optim.scheduler not in ("cosine", "constant"):
         raise RecipeError(f"unknown scheduler '{cfg.optim.scheduler}'", where="optim.scheduler", fix="use cosine or constant")
+    if cfg.checkpoint.every_n_train_steps is not None and cfg.checkpoint.every_n_train_steps < 1:
+        raise RecipeError("must be >= 1 (or null: last.ckpt at validation only)", where="checkpoint.every_n_train_steps")
     if cfg.checkpoint.mode not in ("min", "max"):
         raise RecipeError(f"mode must be min or max, got '{cfg.checkpoint.mode}'", where="checkpoint.mode")
 

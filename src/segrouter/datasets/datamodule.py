@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segrouter.errors import DataError
 from segrouter.recipe import component
@@ -22,6 +25,34 @@ def dataset_vocabulary(cfg: DictConfig) -> list[str]:
     return list(vocab()) if callable(vocab) else []
 
 
+class EpochSampler(Sampler[int]):
+    """A shuffle that is a pure function of (seed, epoch), able to start part-way through an epoch.
+
+    Lightning restores the model, optimiser and loop counters from a mid-epoch checkpoint but restarts a
+    plain shuffled DataLoader from a fresh permutation, so a resumed run would see different batches than
+    an uninterrupted one. With this sampler the permutation of epoch ``e`` is always the same, and a resume
+    skips the batches already trained on (by index, without loading them).
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples, self.seed = num_samples, seed
+        self.epoch = 0
+        self.skip = 0  # samples to skip at the start of the next iteration only
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(int(state))).tolist()
+        start, self.skip = self.skip, 0
+        return iter(order[start:])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class SegDataModule(L.LightningDataModule):
     """Turns samples ``{image, mask, text, id}`` into padded batches the model consumes."""
 
@@ -31,6 +62,7 @@ class SegDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.node = component(cfg, "data.dataset")
         self.datasets: dict[str, Dataset] = {}
+        self._resume: dict[str, int] | None = None  # from a checkpoint, used by the next train_dataloader()
 
     def dataset(self, split: str) -> Dataset:
         if split not in self.datasets:
@@ -63,22 +95,46 @@ class SegDataModule(L.LightningDataModule):
             "id": [s["id"] for s in samples],
         }
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, sampler: Sampler[int] | None = None) -> DataLoader:
         d = self.cfg.data
         return DataLoader(
             self.dataset(split),
-            batch_size=d.batch_size if shuffle else d.eval_batch_size,
-            shuffle=shuffle,
+            batch_size=d.batch_size if sampler is not None else d.eval_batch_size,
+            sampler=sampler,
             num_workers=d.num_workers,
             collate_fn=self.collate,
             persistent_workers=d.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        sampler = EpochSampler(len(self.dataset("train")), int(self.cfg.seed))
+        if self._resume is not None:
+            consumed, per_epoch = self._resume["batches_consumed"], self._resume["batches_per_epoch"]
+            if self.trainer is not None and self.trainer.world_size > 1:
+                warnings.warn("mid-epoch resume under DDP restarts the epoch's shuffle: batches may repeat",
+                              stacklevel=2)
+            elif per_epoch > 0:
+                sampler.set_epoch(consumed // per_epoch)
+                sampler.skip = (consumed % per_epoch) * int(self.cfg.data.batch_size)
+            self._resume = None
+        return self._loader("train", sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every checkpoint: how far into the shuffled training stream the run has got."""
+        t = self.trainer
+        if t is None or t.state.fn != "fit":
+            return {}
+        per_epoch = t.num_training_batches
+        return {
+            "batches_consumed": t.global_step * t.accumulate_grad_batches,
+            "batches_per_epoch": int(per_epoch) if per_epoch != float("inf") else 0,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state) if state else None
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        return self._loader("test")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 
 from segrouter.errors import RecipeError
@@ -17,23 +20,63 @@ from segrouter.recipe import save_recipe
 DEEPSPEED_STAGES = {"deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
 
 
+def save_atomically(trainer: L.Trainer, filepath: str, weights_only: bool = False) -> None:
+    """Write to a temporary file and rename it into place, so a run killed mid-save never leaves a truncated
+    checkpoint behind (DeepSpeed's sharded checkpoint directories are written as they are)."""
+    if isinstance(trainer.strategy, L.pytorch.strategies.DeepSpeedStrategy):
+        trainer.save_checkpoint(filepath, weights_only)
+        return
+    tmp = f"{filepath}.tmp"
+    trainer.save_checkpoint(tmp, weights_only)
+    if trainer.is_global_zero:
+        os.replace(tmp, filepath)
+    trainer.strategy.barrier("atomic_checkpoint")
+
+
 class AtomicModelCheckpoint(ModelCheckpoint):
-    """Writes each checkpoint to a temporary file and renames it into place, so a run killed mid-save
-    never leaves a truncated ``last.ckpt`` behind (DeepSpeed's sharded directories are written as is)."""
+    """``ModelCheckpoint`` whose every save goes through :func:`save_atomically`."""
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        if isinstance(trainer.strategy, L.pytorch.strategies.DeepSpeedStrategy):
-            super()._save_checkpoint(trainer, filepath)
-            return
-        tmp = f"{filepath}.tmp"
-        trainer.save_checkpoint(tmp, self.save_weights_only)
-        if trainer.is_global_zero:
-            os.replace(tmp, filepath)
-        trainer.strategy.barrier("atomic_checkpoint")
+        save_atomically(trainer, filepath, self.save_weights_only)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         for logger in trainer.loggers:
             logger.after_save_checkpoint(self)
+
+
+class StepCheckpoint(Callback):
+    """Writes ``last.ckpt`` every ``every_n`` optimiser steps and at the final step, atomically: the resume
+    points of a run killed mid-epoch (``ModelCheckpoint`` writes ``last.ckpt`` only beside a top-k save)."""
+
+    def __init__(self, dirpath: Path, every_n: int) -> None:
+        self.path = dirpath / "last.ckpt"
+        self.every_n = every_n
+        self._saved_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step  # unchanged across the batches of one accumulation window
+        if step != self._saved_step and (step % self.every_n == 0 or step == trainer.max_steps):
+            self._saved_step = step
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            save_atomically(trainer, str(self.path))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """A CSVLogger that appends to the run's ``metrics.csv`` on ``--resume`` (Lightning's deletes it)."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):  # keep the rows, and their columns, of the earlier attempt
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
 
 
 class SaveRecipe(Callback):
@@ -71,7 +114,7 @@ def build_strategy(cfg: DictConfig) -> Any:
 def build_loggers(cfg: DictConfig, version: int | str | None) -> list[Logger]:
     loggers: list[Logger] = []
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=cfg.output_dir, name=cfg.name, version=version))
+        loggers.append(ResumableCSVLogger(save_dir=cfg.output_dir, name=cfg.name, version=version))
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=cfg.output_dir, name=cfg.name, version=version))
     return loggers
@@ -81,19 +124,24 @@ def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callb
     t = cfg.trainer
     loggers = build_loggers(cfg, version)
     run_dir = Path(loggers[0].log_dir) if loggers else Path(cfg.output_dir) / cfg.name
+    c = cfg.checkpoint
     callbacks: list[Callback] = [
         AtomicModelCheckpoint(
             dirpath=run_dir / "checkpoints",
-            monitor=cfg.checkpoint.monitor,
-            mode=cfg.checkpoint.mode,
-            save_last=cfg.checkpoint.save_last,
-            save_top_k=cfg.checkpoint.save_top_k if cfg.checkpoint.monitor else 1,
+            monitor=c.monitor,
+            mode=c.mode,
+            save_last=c.save_last,
+            save_top_k=c.save_top_k if c.monitor else 1,
             filename="best-{step}",
             auto_insert_metric_name=False,
         ),
         SaveRecipe(cfg),
         *(extra_callbacks or []),
     ]
+    if c.every_n_train_steps:
+        callbacks.insert(1, StepCheckpoint(run_dir / "checkpoints", int(c.every_n_train_steps)))
+    # SegDataModule saves its place in the shuffled stream, so a mid-epoch resume is exact (see EpochSampler)
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     if t.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     kwargs: dict[str, Any] = {
