@@ -70,7 +70,7 @@ def test_lengths() -> None:
 def test_items_have_documented_shapes_dtypes_and_ranges(train: SyntheticReferringDataset) -> None:
     for i in range(0, N, 10):
         item = train[i]
-        assert set(item) == {"image", "mask", "text", "id"}
+        assert set(item) == {"image", "mask", "text", "id", "target"}
         image, mask = item["image"], item["mask"]
         assert image.dtype == torch.float32 and image.shape == (3, 64, 64)
         assert 0.0 <= image.min() and image.max() <= 1.0
@@ -78,6 +78,9 @@ def test_items_have_documented_shapes_dtypes_and_ranges(train: SyntheticReferrin
         assert set(mask.unique().tolist()) == {0.0, 1.0}
         assert item["id"] == f"train-{i:06d}"
         assert isinstance(item["text"], str) and item["text"].startswith("the ")
+        scene = train.scene(i)
+        target = scene.objects[scene.target]
+        assert item["target"] == f"{target.colour} {target.shape}"
 
 
 def test_same_seed_gives_identical_data_in_any_order() -> None:

@@ -9,6 +9,7 @@ node against its registered constructor (see :mod:`segrouter.registry`).
 from __future__ import annotations
 
 import dataclasses
+import string
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,10 +333,21 @@ def validate_components(cfg: DictConfig) -> None:
         raise RecipeError("LoRA needs r >= 1 and at least one target module", where="model.lora", fix="e.g. r: 8, targets: [q_proj, v_proj]")
     if cfg.model.num_mask_tokens < 1:
         raise RecipeError("must be >= 1", where="model.num_mask_tokens")
+    for key, allowed in (("prompt", {"expression"}), ("answer", {"mask_tokens", "target"})):
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(cfg.data[key]) if f is not None}
+        except ValueError as exc:
+            raise RecipeError(f"bad template: {exc}", where=f"data.{key}", fix="write '{{' and '}}' for literal braces") from None
+        if fields - allowed:
+            raise RecipeError(f"unknown placeholder(s) {sorted(fields - allowed)}", where=f"data.{key}",
+                              fix=f"use only {', '.join('{' + a + '}' for a in sorted(allowed))}")
     if "{expression}" not in cfg.data.prompt:
         raise RecipeError("prompt template has no {expression}", where="data.prompt", fix="e.g. 'segment {expression}'")
     if "{mask_tokens}" not in cfg.data.answer:
         raise RecipeError("answer template has no {mask_tokens}", where="data.answer", fix="e.g. 'it is {mask_tokens}'")
+    if "{target}" in cfg.data.answer and cfg.data.answer.index("{target}") < cfg.data.answer.index("{mask_tokens}"):
+        raise RecipeError("{target} comes before {mask_tokens}, so the mask tokens would see the ground truth's name",
+                          where="data.answer", fix="put {target} after {mask_tokens}, e.g. 'it is {mask_tokens} {target}'")
     if cfg.optim.scheduler not in ("cosine", "constant"):
         raise RecipeError(f"unknown scheduler '{cfg.optim.scheduler}'", where="optim.scheduler", fix="use cosine or constant")
     if cfg.checkpoint.every_n_train_steps is not None and cfg.checkpoint.every_n_train_steps < 1:

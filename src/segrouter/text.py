@@ -44,13 +44,27 @@ def build_tokenizer(path: str | None, vocabulary: list[str], num_mask_tokens: in
     return tok
 
 
+def render_answer(answer: str, mask_tokens: str, target: str | None) -> str:
+    """The answer text. ``{target}`` (a name for the referred object, e.g. "red circle") is a training-only
+    signal: it follows the mask tokens, so causal attention keeps it out of their states, and without a
+    target (evaluation, predict, datasets that give none) the answer is cut where ``{target}`` starts."""
+    if "{target}" in answer and target is None:
+        answer = answer[: answer.index("{target}")].rstrip()
+    return answer.format(mask_tokens=mask_tokens, target=target)
+
+
 def encode_example(
-    tok: PreTrainedTokenizerBase, expression: str, prompt: str, answer: str, num_mask_tokens: int
+    tok: PreTrainedTokenizerBase,
+    expression: str,
+    prompt: str,
+    answer: str,
+    num_mask_tokens: int,
+    target: str | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids and LM labels for ``[BOS] <image> prompt answer [EOS]``; labels cover the answer only."""
     mask_str = " ".join(mask_token_names(num_mask_tokens))
     prefix = tok.encode(f"{IMAGE_TOKEN} " + prompt.format(expression=expression), add_special_tokens=False)
-    reply = tok.encode(answer.format(mask_tokens=mask_str), add_special_tokens=False)
+    reply = tok.encode(render_answer(answer, mask_str, target), add_special_tokens=False)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     ids = bos + prefix + reply + eos
@@ -60,5 +74,5 @@ def encode_example(
 
 def template_words(prompt: str, answer: str) -> list[str]:
     """Plain words of the prompt/answer templates (they join the dataset vocabulary)."""
-    text = prompt.replace("{expression}", " ") + " " + answer.replace("{mask_tokens}", " ")
+    text = prompt.replace("{expression}", " ") + " " + answer.replace("{mask_tokens}", " ").replace("{target}", " ")
     return text.split()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -69,10 +70,14 @@ class SegDataModule(L.LightningDataModule):
             self.datasets[split] = registry("dataset").build(self.node, split, where="data.dataset")
         return self.datasets[split]
 
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    def collate(self, samples: list[dict[str, Any]], train: bool = False) -> dict[str, Any]:
+        """A padded batch; only training batches name the target in the answer (see ``render_answer``)."""
         d = self.cfg.data
         k = int(self.cfg.model.num_mask_tokens)
-        encoded = [encode_example(self.tokenizer, s["text"], d.prompt, d.answer, k) for s in samples]
+        encoded = [
+            encode_example(self.tokenizer, s["text"], d.prompt, d.answer, k, s.get("target") if train else None)
+            for s in samples
+        ]
         t = max(len(ids) for ids, _ in encoded)
         pad = int(self.tokenizer.pad_token_id)
         input_ids = torch.full((len(samples), t), pad, dtype=torch.long)
@@ -97,12 +102,13 @@ class SegDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, sampler: Sampler[int] | None = None) -> DataLoader:
         d = self.cfg.data
+        train = sampler is not None
         return DataLoader(
             self.dataset(split),
-            batch_size=d.batch_size if sampler is not None else d.eval_batch_size,
+            batch_size=d.batch_size if train else d.eval_batch_size,
             sampler=sampler,
             num_workers=d.num_workers,
-            collate_fn=self.collate,
+            collate_fn=partial(self.collate, train=train),
             persistent_workers=d.num_workers > 0,
         )
 

@@ -185,7 +185,8 @@ class SyntheticReferringDataset(Dataset):
 
     ``train`` has ``num_samples`` items; ``val`` and ``test`` have ``max(1, num_samples // 4)``, the usual
     ratio of evaluation to training data, so evaluation stays cheap. Items are
-    ``{"image": (3,H,W) float32 in [0,1], "mask": (H,W) float32 in {0,1}, "text": str, "id": "train-000123"}``.
+    ``{"image": (3,H,W) float32 in [0,1], "mask": (H,W) float32 in {0,1}, "text": str, "id": "train-000123",
+    "target": "red circle"}`` (``target`` names the referred object, for answer templates with ``{target}``).
     Sizes are diameters as a fraction of ``image_size``; ``noise`` is the std of the pixel noise.
     """
 
@@ -245,6 +246,7 @@ class SyntheticReferringDataset(Dataset):
             "image": torch.from_numpy(scene.image),
             "mask": torch.from_numpy(scene.objects[scene.target].mask.astype(np.float32)),
             "text": scene.expression.text,
+            "target": f"{scene.objects[scene.target].colour} {scene.objects[scene.target].shape}",
             "id": f"{self.split}-{index:06d}",
         }
 
