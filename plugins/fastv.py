@@ -19,7 +19,7 @@ attention; cheaper, one attention row instead of L).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -47,6 +47,13 @@ class FastV(RoutingStrategy):
 
     def __init__(self, *, k: int = 2, ratio: float = 0.5, rank_by: Literal["all", "last_instruction"] = "all") -> None:
         super().__init__()
+        self.check_params(k=k, ratio=ratio)
+        self.k, self.ratio, self.rank_by = k, ratio, rank_by
+
+    @staticmethod
+    def check_params(**params: Any) -> None:
+        """Called by the registry when a recipe is validated (before any model is built), and by __init__."""
+        k, ratio = params["k"], params["ratio"]
         if not 0.0 <= ratio < 1.0:
             raise RecipeError(
                 f"ratio {ratio} is outside [0, 1)",
@@ -58,7 +65,6 @@ class FastV(RoutingStrategy):
                 f"k={k}: FastV ranks tokens by the attention of layer k, which must be >= 1",
                 where="model.routing.k",
             )
-        self.k, self.ratio, self.rank_by = k, ratio, rank_by
 
     def setup(self, llm: CausalLLM) -> None:
         """Check ``k`` against the depth, which is only known once the LLM is built."""

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from segrouter.errors import RecipeError
+from segrouter.errors import RecipeError, SegrouterError
 from segrouter.recipe import load_recipe, save_recipe
 from segrouter.registry import load_builtins
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 load_builtins()
 
@@ -99,3 +101,25 @@ def test_changing_a_component_name_drops_the_old_parameters(tmp_path: Path) -> N
     assert dict(cfg.model.mask_decoder) == {"name": "conv"}
     cfg = load_recipe(tmp_path / "a.yaml", ["model.mask_decoder.depth=4"])
     assert cfg.model.mask_decoder.depth == 4 and cfg.model.mask_decoder.embed_dim == 32
+
+
+@pytest.mark.parametrize(
+    ("overrides", "where"),
+    [
+        (["model.routing.name=token_routing", "model.routing.proxy_ratio=0"], "model.routing.proxy_ratio"),
+        (["model.routing.name=pdrop", "model.routing.keep=[0.5,0.8,0.1]"], "model.routing.keep"),
+        (["model.routing.name=mod", "model.routing.capacity=2.0"], "model.routing.capacity"),
+        (["model.routing.name=fastv", "model.routing.ratio=1.5"], "model.routing.ratio"),  # a plugin's check
+        (["model.compressor.name=sam_superpixel", "model.compressor.n_segments=0"], "model.compressor.n_segments"),
+        (["model.compressor.name=resampler", "model.compressor.num_queries=0"], "model.compressor"),
+        (["data.dataset.noise=0.9"], "data.dataset"),
+        (["model.llm.num_heads=3"], "model.llm"),
+    ],
+)
+def test_value_ranges_fail_at_validation_before_any_build(overrides: list[str], where: str) -> None:
+    from segrouter.registry import load_builtins
+
+    load_builtins()
+    with pytest.raises(SegrouterError) as err:
+        load_recipe(RECIPES / "tiny.yaml", overrides)  # validation only: nothing is built
+    assert str(err.value).startswith(where), str(err.value)

@@ -159,6 +159,9 @@ class Registry:
                     where=where,
                     fix=f"add {p.describe()}",
                 )
+        check = getattr(entry.factory, "check_params", None)
+        if callable(check):  # value ranges, so that a recipe fails at validation, before anything is built
+            check(**{**{n: p.default for n, p in params.items() if not p.required}, **kwargs})
         return entry, kwargs
 
     def build(self, node: Mapping[str, Any], *context: Any, where: str | None = None) -> Any:

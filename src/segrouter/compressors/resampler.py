@@ -10,6 +10,8 @@ that attends everywhere lands near the image centre, which is the honest answer 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -50,11 +52,7 @@ class Resampler(Compressor):
         num_heads: int = 4,
     ) -> None:
         super().__init__()
-        if num_queries < 1 or depth < 1:
-            raise RecipeError(
-                f"num_queries={num_queries} and depth={depth} must both be >= 1",
-                where="model.compressor",
-            )
+        self.check_params(num_queries=num_queries, depth=depth)
         if out_dim % num_heads:
             raise RecipeError(
                 f"the LLM width {out_dim} is not divisible by num_heads={num_heads}",
@@ -68,6 +66,16 @@ class Resampler(Compressor):
         self.blocks = nn.ModuleList(_CrossBlock(out_dim, num_heads) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(out_dim), nn.Linear(out_dim, out_dim))
         self.register_buffer("centres", grid_coords(h, w), persistent=False)
+
+
+    @staticmethod
+    def check_params(**p: Any) -> None:
+        """Ranges checked at recipe validation; ``num_heads`` must divide the LLM width, checked at build."""
+        if p["num_queries"] < 1 or p["depth"] < 1:
+            raise RecipeError(
+                f"num_queries={p['num_queries']} and depth={p['depth']} must both be >= 1",
+                where="model.compressor",
+            )
 
     def forward(self, features: torch.Tensor, images: torch.Tensor) -> VisualTokens:
         patches = self.input(features.flatten(2).transpose(1, 2)) + self.pos

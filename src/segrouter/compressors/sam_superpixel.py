@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -119,6 +120,19 @@ class SuperpixelAggregator(nn.Module):
         return words + out
 
 
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "points_per_side": (lambda v: v >= 1, "must be at least 1"),
+    "pred_iou_thresh": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "stability_thresh": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "n_segments": (lambda v: v >= 1, "must be at least 1"),
+    "compactness": (lambda v: v > 0, "must be positive"),
+    "min_area": (lambda v: v >= 0, "must be non-negative"),
+    "max_regions": (lambda v: v >= 1, "must be at least 1"),
+    "context_tokens": (lambda v: v >= 0, "must be non-negative"),
+    "depth": (lambda v: v >= 1, "must be at least 1"),
+}
+
+
 @register("compressor", "sam_superpixel")
 class SAMSuperpixelProjector(Compressor):
     """One token per superpixel: SAM automatic masks (``generator: sam``) or SLIC (``generator: slic``,
@@ -154,15 +168,7 @@ class SAMSuperpixelProjector(Compressor):
         depth: int = 2,
     ) -> None:
         super().__init__()
-        _check(points_per_side >= 1, "points_per_side", f"must be at least 1, got {points_per_side}")
-        _check(0.0 <= pred_iou_thresh <= 1.0, "pred_iou_thresh", f"must be in [0, 1], got {pred_iou_thresh}")
-        _check(0.0 <= stability_thresh <= 1.0, "stability_thresh", f"must be in [0, 1], got {stability_thresh}")
-        _check(n_segments >= 1, "n_segments", f"must be at least 1, got {n_segments}")
-        _check(compactness > 0, "compactness", f"must be positive, got {compactness}")
-        _check(min_area >= 0, "min_area", f"must be non-negative, got {min_area}")
-        _check(max_regions >= 1, "max_regions", f"must be at least 1, got {max_regions}")
-        _check(context_tokens >= 0, "context_tokens", f"must be non-negative, got {context_tokens}")
-        _check(depth >= 1, "depth", f"must be at least 1, got {depth}")
+        self.check_params(**{k: v for k, v in locals().items() if k not in ("self", "in_dim", "out_dim", "grid_size", "__class__")})
         if aggregator:
             _check(
                 aggregator_heads >= 1 and in_dim % aggregator_heads == 0,
@@ -186,7 +192,6 @@ class SAMSuperpixelProjector(Compressor):
                 max_regions=max_regions,
             )
         else:
-            _check(sam_path is None, "sam_path", "is only used by generator: sam")
             self.generator = SLICGenerator(
                 n_segments=n_segments, compactness=compactness, min_area=min_area, max_regions=max_regions
             )
@@ -199,6 +204,18 @@ class SAMSuperpixelProjector(Compressor):
             if positional_embedding
             else None
         )
+
+
+    @staticmethod
+    def check_params(**p: Any) -> None:
+        """Ranges checked at recipe validation (subclasses may expose a subset of the parameters); the head
+        count is checked against the vision width at build."""
+        for key, (ok, message) in _RANGES.items():
+            if key in p:
+                _check(ok(p[key]), key, f"{message}, got {p[key]}")
+        if p.get("aggregator", False):
+            _check(p["aggregator_heads"] >= 1, "aggregator_heads", f"must be at least 1, got {p['aggregator_heads']}")
+        _check(p.get("generator") == "sam" or p.get("sam_path") is None, "sam_path", "is only used by generator: sam")
 
     def partition(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 → (H, W) int64 superpixel labels, through the cache."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -211,18 +212,7 @@ class SyntheticReferringDataset(Dataset):
     ) -> None:
         if split not in SPLITS:
             raise DataError(f"unknown split '{split}'", fix=f"valid splits: {', '.join(SPLITS)}")
-        _check(image_size >= 16, f"image_size must be at least 16, got {image_size}")
-        _check(num_samples >= 1, f"num_samples must be at least 1, got {num_samples}")
-        _check(seed >= 0, f"seed must be non-negative, got {seed}")
-        _check(
-            1 <= min_objects <= max_objects,
-            f"need 1 <= min_objects <= max_objects, got min_objects={min_objects}, max_objects={max_objects}",
-        )
-        _check(0.0 < min_size <= max_size <= 0.8, f"need 0 < min_size <= max_size <= 0.8, got {min_size}, {max_size}")
-        _check(0.0 <= noise <= 0.5, f"noise must be in [0, 0.5], got {noise}")
-        for name, chosen, known in (("shapes", shapes, SHAPES), ("colours", colours, COLOURS), ("forms", forms, FORMS)):
-            unknown = [c for c in chosen if c not in known]
-            _check(bool(chosen) and not unknown, f"{name} must be a non-empty subset of {', '.join(known)}")
+        self.check_params(**{k: v for k, v in locals().items() if k not in ("self", "split", "__class__")})
         self.split = split
         self.image_size = image_size
         self.seed = seed
@@ -235,6 +225,25 @@ class SyntheticReferringDataset(Dataset):
         centres = np.arange(image_size, dtype=np.float32) + 0.5  # pixel centres
         self._ys, self._xs = np.meshgrid(centres, centres, indexing="ij")
         self.scene(0)  # fail at build time, not mid-training, when the settings admit no scene
+
+    @staticmethod
+    def check_params(**p: Any) -> None:
+        """Every parameter range, checked when a recipe is validated (and again here at construction)."""
+        image_size, num_samples, seed, noise = p["image_size"], p["num_samples"], p["seed"], p["noise"]
+        min_objects, max_objects, min_size, max_size = p["min_objects"], p["max_objects"], p["min_size"], p["max_size"]
+        shapes, colours, forms = p["shapes"], p["colours"], p["forms"]
+        _check(image_size >= 16, f"image_size must be at least 16, got {image_size}")
+        _check(num_samples >= 1, f"num_samples must be at least 1, got {num_samples}")
+        _check(seed >= 0, f"seed must be non-negative, got {seed}")
+        _check(
+            1 <= min_objects <= max_objects,
+            f"need 1 <= min_objects <= max_objects, got min_objects={min_objects}, max_objects={max_objects}",
+        )
+        _check(0.0 < min_size <= max_size <= 0.8, f"need 0 < min_size <= max_size <= 0.8, got {min_size}, {max_size}")
+        _check(0.0 <= noise <= 0.5, f"noise must be in [0, 0.5], got {noise}")
+        for name, chosen, known in (("shapes", shapes, SHAPES), ("colours", colours, COLOURS), ("forms", forms, FORMS)):
+            unknown = [c for c in chosen if c not in known]
+            _check(bool(chosen) and not unknown, f"{name} must be a non-empty subset of {', '.join(known)}")
 
     def __len__(self) -> int:
         return self._length
@@ -314,7 +323,7 @@ class SyntheticReferringDataset(Dataset):
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise RecipeError(f"synthetic dataset: {message}", fix="change the dataset parameters in the recipe")
+        raise RecipeError(f"synthetic dataset: {message}", where="data.dataset", fix="change the dataset parameters in the recipe")
 
 
 def _parse_noun_phrase(words: list[str], text: str, *, allow_modifier: bool) -> tuple[NounPhrase, list[str]]:

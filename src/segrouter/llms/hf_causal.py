@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
@@ -39,25 +39,15 @@ class HFCausalLM(CausalLLM):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.check_params(path=path, hidden_size=hidden_size, num_heads=num_heads)
         if path:
-            if not Path(path).is_dir():
-                raise SegrouterError(f"LLM directory not found: {path}", where="model.llm.path", fix="download it first; nothing is fetched at run time")
+            if not Path(path).is_dir():  # at build, not validation: recipes may be written where the files are not
+                raise SegrouterError(f"LLM directory not found: {path}", where="model.llm.path",
+                                     fix="download it first; nothing is fetched at run time")
             model = AutoModelForCausalLM.from_pretrained(
                 path, local_files_only=True, attn_implementation=attn_implementation, torch_dtype=torch.float32
             )
         else:
-            if hidden_size % num_heads:
-                raise SegrouterError(
-                    f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}",
-                    where="model.llm",
-                    fix="pick num_heads dividing hidden_size",
-                )
-            if (hidden_size // num_heads) % 2:
-                raise SegrouterError(
-                    f"head size {hidden_size // num_heads} (hidden_size {hidden_size} / num_heads {num_heads}) is odd",
-                    where="model.llm",
-                    fix="rotary position embeddings need an even head size",
-                )
             config = _CONFIGS[family](
                 vocab_size=len(tokenizer),
                 hidden_size=hidden_size,
@@ -92,6 +82,24 @@ class HFCausalLM(CausalLLM):
         self.norm = core.norm
         self.lm_head = model.lm_head
         self.gradient_checkpointing = gradient_checkpointing
+
+    @staticmethod
+    def check_params(**p: Any) -> None:
+        """The shape of a randomly initialised LLM, checked when a recipe is validated (and in __init__)."""
+        path, hidden_size, num_heads = p["path"], p["hidden_size"], p["num_heads"]
+        if not path:
+            if hidden_size % num_heads:
+                raise SegrouterError(
+                    f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}",
+                    where="model.llm",
+                    fix="pick num_heads dividing hidden_size",
+                )
+            if (hidden_size // num_heads) % 2:
+                raise SegrouterError(
+                    f"head size {hidden_size // num_heads} (hidden_size {hidden_size} / num_heads {num_heads}) is odd",
+                    where="model.llm",
+                    fix="rotary position embeddings need an even head size",
+                )
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)

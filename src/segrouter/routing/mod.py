@@ -21,7 +21,7 @@ Choices:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -55,6 +55,14 @@ class MixtureOfDepths(RoutingStrategy):
         alpha: float = 0.2,
     ) -> None:
         super().__init__()
+        self.check_params(capacity=capacity, alpha=alpha)
+        self.capacity, self.route_layers, self.alpha = capacity, route_layers, alpha
+        self.routers = nn.ModuleDict()
+
+    @staticmethod
+    def check_params(**params: Any) -> None:
+        """Ranges that need no LLM; explicit route_layers are checked against the depth in :meth:`setup`."""
+        capacity, alpha = params["capacity"], params["alpha"]
         if not 0.0 < capacity <= 1.0:
             raise RecipeError(
                 f"capacity {capacity} is outside (0, 1]",
@@ -67,8 +75,6 @@ class MixtureOfDepths(RoutingStrategy):
                 where="model.routing.alpha",
                 fix="keep the gate 1 + alpha*tanh(score) positive: 0 <= alpha <= 1",
             )
-        self.capacity, self.route_layers, self.alpha = capacity, route_layers, alpha
-        self.routers = nn.ModuleDict()
 
     def setup(self, llm: CausalLLM) -> None:
         n = llm.num_layers

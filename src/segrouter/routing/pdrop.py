@@ -15,6 +15,8 @@ The ranking helpers here (:func:`last_instruction_token`, :func:`top_image_token
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from segrouter.errors import RecipeError
@@ -63,6 +65,14 @@ class PyramidDrop(RoutingStrategy):
         self, *, layers: tuple[float, ...] = (0.25, 0.5, 0.75), keep: tuple[float, ...] = (0.5, 0.25, 0.125)
     ) -> None:
         super().__init__()
+        self.check_params(layers=layers, keep=keep)
+        self.layers, self.keep = tuple(layers), tuple(keep)
+        self.boundaries: dict[int, float] = {}
+
+    @staticmethod
+    def check_params(**params: Any) -> None:
+        """Ranges that need no LLM; the boundaries are checked against the depth in :meth:`setup`."""
+        layers, keep = params["layers"], params["keep"]
         if not layers or len(layers) != len(keep):
             raise RecipeError(
                 f"got {len(layers)} stage boundaries and {len(keep)} keep ratios",
@@ -82,8 +92,6 @@ class PyramidDrop(RoutingStrategy):
                 where="model.routing.layers",
                 fix="write layer indices as ints (e.g. [8, 16, 24]) or fractions (e.g. [0.25, 0.5, 0.75])",
             )
-        self.layers, self.keep = tuple(layers), tuple(keep)
-        self.boundaries: dict[int, float] = {}
 
     def setup(self, llm: CausalLLM) -> None:
         n = llm.num_layers

@@ -29,7 +29,7 @@ Choices the abstract leaves open (see docs/methods/token_routing.md for the reas
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -104,12 +104,7 @@ class TokenRouting(RoutingStrategy):
         score_alpha: float = 0.2,
     ) -> None:
         super().__init__()
-        if not 0.0 < proxy_ratio <= 1.0:
-            raise RecipeError(f"proxy_ratio={proxy_ratio} must be in (0, 1]", where="model.routing.proxy_ratio")
-        if num_proxies is not None and num_proxies < 1:
-            raise RecipeError(f"num_proxies={num_proxies} must be >= 1", where="model.routing.num_proxies")
-        if neighbours < 1:
-            raise RecipeError(f"neighbours={neighbours} must be >= 1", where="model.routing.neighbours")
+        self.check_params(proxy_ratio=proxy_ratio, num_proxies=num_proxies, neighbours=neighbours)
         self.cfg_insert, self.cfg_route_start, self.cfg_route_layers = insert_layer, route_start, route_layers
         self.late_text = late_text
         self.num_proxies, self.proxy_ratio = num_proxies, proxy_ratio
@@ -119,6 +114,16 @@ class TokenRouting(RoutingStrategy):
         self.routed: list[bool] = []
         self.projectors = nn.ModuleDict()
         self.scorers = nn.ModuleDict()
+
+    @staticmethod
+    def check_params(**params: Any) -> None:
+        """Ranges that need no LLM; layer indices are checked against the depth in :meth:`setup`."""
+        if not 0.0 < params["proxy_ratio"] <= 1.0:
+            raise RecipeError(f"proxy_ratio={params['proxy_ratio']} must be in (0, 1]", where="model.routing.proxy_ratio")
+        if params["num_proxies"] is not None and params["num_proxies"] < 1:
+            raise RecipeError(f"num_proxies={params['num_proxies']} must be >= 1", where="model.routing.num_proxies")
+        if params["neighbours"] < 1:
+            raise RecipeError(f"neighbours={params['neighbours']} must be >= 1", where="model.routing.neighbours")
 
     def setup(self, llm: CausalLLM) -> None:
         n = llm.num_layers
