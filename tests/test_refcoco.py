@@ -74,11 +74,12 @@ def make_layout(tmp: Path, *, rle_compressed: bool = True) -> tuple[Path, Path]:
             {"id": 4, "file_name": "missing.jpg", "height": 8, "width": 8},
         ],
         "annotations": [
-            {"id": 10, "image_id": 1, "segmentation": [[2, 1, 6, 1, 6, 4, 2, 4]]},
+            {"id": 10, "image_id": 1, "category_id": 7, "segmentation": [[2, 1, 6, 1, 6, 4, 2, 4]]},
             {"id": 20, "image_id": 2, "segmentation": {"size": [6, 10], "counts": rle_string(counts) if rle_compressed else counts}},
             {"id": 30, "image_id": 3, "segmentation": [[0, 0, 4, 0, 4, 4]]},
             {"id": 40, "image_id": 4, "segmentation": [[0, 0, 4, 0, 4, 4]]},
         ],
+        "categories": [{"id": 7, "name": "box"}],
     }
     (root / "refcoco" / "instances.json").write_text(json.dumps(instances))
     refs = [
@@ -119,6 +120,7 @@ def test_refcoco_masks_splits_and_bad_images(tmp_path: Path, caplog: pytest.LogC
     assert torch.equal(s0["mask"], expected)
     # 6×10 → 10×16 (longest side 16) then padded to 16×16 at the bottom
     s2 = train[2]
+    assert s0["target"] == "box" and "target" not in s2  # COCO category name, when the annotation has one
     assert s2["text"] == "blob" and s2["mask"][10:].sum() == 0 and s2["image"][:, 10:].abs().sum() == 0
     _, ref_mask = letterbox(Image.new("RGB", (10, 6)), RLE_EXPECTED, 16)
     assert torch.equal(s2["mask"], ref_mask) and s2["mask"].sum() > 0

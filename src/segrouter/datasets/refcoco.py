@@ -5,7 +5,8 @@ Layout (as distributed with LISA and the ``refer`` toolkit)::
 
     root/<dataset>/refs(<split_by>).p   pickle: list of refs {ref_id, ann_id, image_id, split, sentences[{sent}]}
     root/<dataset>/instances.json       COCO: images {id, file_name, height, width},
-                                        annotations {id, segmentation: polygons or RLE}
+                                        annotations {id, segmentation: polygons or RLE[, category_id]},
+                                        [categories {id, name}]  (the sample's "target", e.g. "person")
     image_dir/<file_name>               COCO train2014 images
 
 One sample per (ref, sentence). ``refs(...).p`` is a pickle: loading it can run code, so it is read only
@@ -250,6 +251,7 @@ class RefCOCODataset(ReferringImageDataset):
             raise DataError(f"refcoco: cannot read {refs_path.parent}: {type(exc).__name__}: {exc}", fix="re-download the annotations") from None
         self.images = {int(im["id"]): im for im in instances["images"]}
         self.anns = {int(a["id"]): a for a in instances["annotations"]}
+        self.categories = {int(c["id"]): str(c["name"]) for c in instances.get("categories", [])}
         self.refer_split = refer_split
         items: list[tuple[int, int, int, str]] = []  # (image_id, ann_id, ref_id, sentence) per sample
         found = {str(r.get("split")) for r in refs}
@@ -282,4 +284,8 @@ class RefCOCODataset(ReferringImageDataset):
         if mask.shape != (image.height, image.width):
             raise ValueError(f"mask {mask.shape} does not match image {image.height}×{image.width}")
         img, m = letterbox(image, mask, self.image_size)
-        return {"image": img, "mask": m, "text": sent, "id": self.sample_id(index)}
+        sample = {"image": img, "mask": m, "text": sent, "id": self.sample_id(index)}
+        category = self.categories.get(int(self.anns[ann_id].get("category_id", -1)))
+        if category is not None:  # names the target in answers with {target} (training only)
+            sample["target"] = category
+        return sample
