@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig
 
 from segrouter.errors import RecipeError
@@ -65,6 +66,7 @@ class ResumableCSVLogger(CSVLogger):
     """A CSVLogger that appends to the run's ``metrics.csv`` on ``--resume`` (Lightning's deletes it)."""
 
     @property
+    @rank_zero_experiment  # other DDP ranks get a no-op writer, as with Lightning's CSVLogger
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
