@@ -3,7 +3,7 @@
 # baselines on the synthetic benchmark with one seed and step budget, then write the comparison table and
 # the Pareto plot (cIoU vs LLM FLOPs) into docs/results.md (between the "baselines" markers) and
 # docs/pareto_baselines.png. Usage: bash benchmarks/compare_baselines.sh [OUT_DIR] [key=value ...]
-# (about 20 minutes on 2 CPU cores at the recipes' 600 steps).
+# (about 20 minutes on 2 CPU cores at the recipes' 1000 steps).
 set -euo pipefail
 out=${1:-runs/baselines}
 shift || true

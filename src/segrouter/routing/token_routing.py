@@ -90,7 +90,7 @@ class TokenRouting(RoutingStrategy):
     def __init__(
         self,
         *,
-        insert_layer: int | float = 0.5,
+        insert_layer: int | float = 0.25,
         late_text: bool = True,
         route_layers: list[int] | None = None,
         route_start: int | float = 0.25,
