@@ -123,3 +123,18 @@ def test_value_ranges_fail_at_validation_before_any_build(overrides: list[str], 
     with pytest.raises(SegrouterError) as err:
         load_recipe(RECIPES / "tiny.yaml", overrides)  # validation only: nothing is built
     assert str(err.value).startswith(where), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ('data.answer="it is {mask_tokens} {foo}"', "unknown placeholder(s) ['foo']"),
+        ('data.answer="{target} {mask_tokens}"', "{target} comes before {mask_tokens}"),
+        ('data.prompt="segment {expression"', "bad template"),
+    ],
+)
+def test_bad_templates_fail_at_validation(override: str, fragment: str) -> None:
+    load_builtins()
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / "tiny.yaml", [override])
+    assert fragment in str(err.value) and len(str(err.value).splitlines()) == 1
