@@ -67,7 +67,6 @@ class Resampler(Compressor):
         self.out = nn.Sequential(nn.LayerNorm(out_dim), nn.Linear(out_dim, out_dim))
         self.register_buffer("centres", grid_coords(h, w), persistent=False)
 
-
     @staticmethod
     def check_params(**p: Any) -> None:
         """Ranges checked at recipe validation; ``num_heads`` must divide the LLM width, checked at build."""

@@ -169,9 +169,9 @@ class SAMSuperpixelProjector(Compressor):
     ) -> None:
         super().__init__()
         self.check_params(**{k: v for k, v in locals().items() if k not in ("self", "in_dim", "out_dim", "grid_size", "__class__")})
-        if aggregator:
+        if aggregator:  # check_params has ensured aggregator_heads >= 1
             _check(
-                aggregator_heads >= 1 and in_dim % aggregator_heads == 0,
+                in_dim % aggregator_heads == 0,
                 "aggregator_heads",
                 f"must divide the vision width {in_dim}, got {aggregator_heads}",
             )
@@ -204,7 +204,6 @@ class SAMSuperpixelProjector(Compressor):
             if positional_embedding
             else None
         )
-
 
     @staticmethod
     def check_params(**p: Any) -> None:
