@@ -12,7 +12,7 @@ every object exactly; the same score for the patch grid is printed as the refere
   immunohistochemistry), centre-cropped and resized to 224×224 (no masks: no oracle IoU).
 
 Generator settings default to the compressor's defaults; override them on the command line, e.g.
-``python benchmarks/superpixel_tokens.py --n-segments 12`` or ``--generator sam --sam-path /models/sam``.
+``python benchmarks/superpixel_tokens.py --colour-threshold 0 --n-segments 24`` (plain SLIC) or ``--generator sam --sam-path /models/sam``.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--sam-path", default=defaults["sam_path"])
     for key in ("points_per_side", "n_segments", "min_area", "max_regions"):
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=defaults[key])
-    for key in ("pred_iou_thresh", "stability_thresh", "compactness"):
+    for key in ("pred_iou_thresh", "stability_thresh", "compactness", "colour_threshold"):
         ap.add_argument(f"--{key.replace('_', '-')}", type=float, default=defaults[key])
     ap.add_argument("--synthetic", type=int, default=200, help="number of synthetic val images")
     ap.add_argument("--shapes", type=int, default=20, help="number of shapes224 images")
@@ -146,8 +146,8 @@ def main() -> None:
             stability_thresh=args.stability_thresh, min_area=args.min_area, max_regions=args.max_regions,
         )
     else:
-        gen = SLICGenerator(n_segments=args.n_segments, compactness=args.compactness, min_area=args.min_area,
-                            max_regions=args.max_regions)
+        gen = SLICGenerator(n_segments=args.n_segments, compactness=args.compactness,
+                            colour_threshold=args.colour_threshold, min_area=args.min_area, max_regions=args.max_regions)
     print(f"generator settings: {gen.settings()}")  # type: ignore[attr-defined]
     print("| images | n | patch tokens | median tokens | mean | max | median/patches | max/patches "
           "| oracle IoU | patch-grid oracle IoU | ms/image |")

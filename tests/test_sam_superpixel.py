@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from skimage.color import rgb2lab
 
 from segrouter.compressors.sam_superpixel import SAMSuperpixelProjector, region_stats
 from segrouter.errors import RecipeError, SegrouterError
@@ -19,7 +20,7 @@ from segrouter.superpixels import (
     check_partition,
     merge_regions,
 )
-from segrouter.superpixels.regions import border_lengths
+from segrouter.superpixels.regions import border_lengths, merge_similar_colours
 from segrouter.superpixels.sam_amg import paint
 from conftest import build_model, tiny_cfg
 
@@ -47,7 +48,7 @@ def _stripes(k: int, size: int = 32) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- partitions
 def _slic() -> SLICGenerator:
-    return SLICGenerator(n_segments=12, compactness=20.0, min_area=8, max_regions=64)
+    return SLICGenerator(n_segments=12, compactness=20.0, colour_threshold=0.0, min_area=8, max_regions=64)
 
 
 @pytest.mark.parametrize("make", [_slic, _tiny_sam])
@@ -98,7 +99,7 @@ def test_min_area_and_max_regions_are_respected() -> None:
         check_partition(labels, noisy.shape)
         areas = np.bincount(labels.ravel())
         assert len(areas) <= max_regions and areas.min() >= min_area
-    gen = SLICGenerator(n_segments=40, compactness=20.0, min_area=60, max_regions=6)
+    gen = SLICGenerator(n_segments=40, compactness=20.0, colour_threshold=0.0, min_area=60, max_regions=6)
     areas = np.bincount(gen(_scene()).ravel())
     assert len(areas) <= 6 and areas.min() >= 60
 
@@ -109,6 +110,37 @@ def test_small_region_merges_into_its_longest_border_neighbour() -> None:
     merged = merge_regions(labels, min_area=2, max_regions=10)
     assert merged[1, 1] == merged[0, 1] and len(np.unique(merged)) == 2
     assert merge_regions(np.zeros((3, 3), np.int64), min_area=100, max_regions=1).max() == 0  # nothing to merge into
+
+
+def test_colour_merging_gives_one_region_per_colour_area() -> None:
+    """SLIC over-segments the two-tone background and the two squares; colour merging recovers exactly
+    the four flat-colour areas, and threshold 0 leaves plain SLIC."""
+    image = _scene()
+    truth = np.zeros(image.shape[:2], np.int64)
+    truth[:, 24:] = 1
+    truth[5:20, 5:20] = 2
+    truth[25:40, 28:44] = 3
+    plain = SLICGenerator(n_segments=24, compactness=20.0, colour_threshold=0.0, min_area=8, max_regions=64)(image)
+    merged = SLICGenerator(n_segments=24, compactness=20.0, colour_threshold=20.0, min_area=8, max_regions=64)(image)
+    assert plain.max() + 1 > 8 and merged.max() + 1 == 4
+    for region in range(4):  # each merged region is one colour area, up to a few boundary pixels
+        inside = truth[merged == region]
+        assert np.bincount(inside).max() >= 0.98 * inside.size
+
+
+def test_colour_merging_updates_means_closest_pair_first() -> None:
+    """Three grey stripes with L* gaps of about 9.0 and 12.9 and a threshold of 15: the closer pair merges
+    first, which moves the pooled mean about 17.4 away from the third stripe, so it stays separate;
+    thresholding the initial distances alone would have chained all three into one."""
+    greys = np.array([90, 112, 145]) / 255
+    lightness = [float(rgb2lab(np.full((1, 1, 3), g))[0, 0, 0]) for g in greys]
+    gaps = np.diff(lightness)
+    assert 8.5 < gaps[0] < 9.5 and 12.5 < gaps[1] < 13.5
+    labels = _stripes(3, size=30)
+    image = (greys[labels][..., None].repeat(3, axis=2) * 255).round().astype(np.uint8)
+    merged = merge_similar_colours(labels, image, threshold=15.0)
+    assert merged.max() + 1 == 2 and merged[0, 0] == merged[0, 10] != merged[0, 29]
+    assert merge_similar_colours(labels, image, threshold=8.0).max() + 1 == 3
 
 
 # --------------------------------------------------------------------------------------------- pooling
@@ -188,7 +220,7 @@ def test_cache_hits_misses_and_atomic_files(tmp_path: Path, monkeypatch: pytest.
     assert (fresh.hits, fresh.misses) == (1, 0) and labels.dtype == np.int64
     np.testing.assert_array_equal(labels, first)
 
-    fresh.get(image, SLICGenerator(n_segments=12, compactness=5.0, min_area=8, max_regions=64))
+    fresh.get(image, SLICGenerator(n_segments=12, compactness=5.0, colour_threshold=0.0, min_area=8, max_regions=64))
     fresh.get(_scene(seed=3), gen)
     assert fresh.misses == 2 and len([f for f in tmp_path.rglob("*.npz")]) == 3
 

@@ -126,6 +126,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stability_thresh": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
     "n_segments": (lambda v: v >= 1, "must be at least 1"),
     "compactness": (lambda v: v > 0, "must be positive"),
+    "colour_threshold": (lambda v: v >= 0, "must be non-negative (0 turns colour merging off)"),
     "min_area": (lambda v: v >= 0, "must be non-negative"),
     "max_regions": (lambda v: v >= 1, "must be at least 1"),
     "context_tokens": (lambda v: v >= 0, "must be non-negative"),
@@ -140,7 +141,7 @@ class SAMSuperpixelProjector(Compressor):
     to the LLM width (+ SSPE). ``positional_embedding`` / ``aggregator`` false remove SSPE / SSA entirely.
 
     Generator settings: ``points_per_side``, ``pred_iou_thresh``, ``stability_thresh`` (SAM; thresholds
-    of the first author's "ssa" presets in HAL-42/TUSS), ``n_segments``, ``compactness`` (SLIC), and for
+    of the first author's "ssa" presets in HAL-42/TUSS), ``n_segments``, ``compactness``, ``colour_threshold`` (SLIC), and for
     both ``min_area`` (pixels) / ``max_regions``. ``cache_dir`` stores partitions on disk (null: memory).
     """
 
@@ -156,8 +157,9 @@ class SAMSuperpixelProjector(Compressor):
         points_per_side: int = 16,
         pred_iou_thresh: float = 0.86,
         stability_thresh: float = 0.92,
-        n_segments: int = 24,
+        n_segments: int = 48,
         compactness: float = 20.0,
+        colour_threshold: float = 20.0,
         min_area: int = 16,
         max_regions: int = 64,
         cache_dir: str | None = None,
@@ -193,7 +195,8 @@ class SAMSuperpixelProjector(Compressor):
             )
         else:
             self.generator = SLICGenerator(
-                n_segments=n_segments, compactness=compactness, min_area=min_area, max_regions=max_regions
+                n_segments=n_segments, compactness=compactness, colour_threshold=colour_threshold,
+                min_area=min_area, max_regions=max_regions,
             )
         self.cache = PartitionCache(cache_dir)
         self.grid_size = tuple(grid_size)

@@ -1,7 +1,8 @@
-"""SSP pooling over SLIC regions: the superpixel projector without SAM, as a weight-free baseline.
+"""SSP pooling over plain SLIC clusters: the superpixel projector without semantic regions, as a baseline.
 
-It isolates what the *semantic* (SAM) regions add over plain colour-and-position superpixels; everything
-else — mask-average pooling, SSPE, SSA — is the ``sam_superpixel`` projector's.
+It isolates what *semantic* regions (SAM's masks, or the colour-merged SLIC stand-in) add over a regular
+colour-and-position over-segmentation; everything else — mask-average pooling, SSPE, SSA — is the
+``sam_superpixel`` projector's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from segrouter.registry import register
 
 @register("compressor", "slic_superpixel")
 class SLICSuperpixelProjector(SAMSuperpixelProjector):
-    """``sam_superpixel`` with ``generator: slic`` fixed, exposing only the parameters SLIC uses."""
+    """``sam_superpixel`` with ``generator: slic`` and no colour merging fixed, exposing only the parameters
+    plain SLIC uses."""
 
     def __init__(
         self,
@@ -34,6 +36,6 @@ class SLICSuperpixelProjector(SAMSuperpixelProjector):
     ) -> None:
         super().__init__(
             in_dim, out_dim, grid_size, generator="slic", n_segments=n_segments, compactness=compactness,
-            min_area=min_area, max_regions=max_regions, cache_dir=cache_dir, positional_embedding=positional_embedding,
+            colour_threshold=0.0, min_area=min_area, max_regions=max_regions, cache_dir=cache_dir, positional_embedding=positional_embedding,
             aggregator=aggregator, aggregator_heads=aggregator_heads, context_tokens=context_tokens, depth=depth,
         )

@@ -2,14 +2,18 @@
 
 Both generators end with :func:`merge_regions`, so token counts are bounded the same way whatever made
 the regions: a region below ``min_area`` pixels, or the smallest one while there are more than
-``max_regions``, is merged into the neighbour it shares the longest border with.
+``max_regions``, is merged into the neighbour it shares the longest border with. SLIC's over-segmentation
+is first made object-like by :func:`merge_similar_colours`.
 """
 
 from __future__ import annotations
 
 import heapq
+from typing import Any
 
 import numpy as np
+from skimage import graph
+from skimage.color import rgb2lab
 
 from segrouter.errors import SegrouterError
 
@@ -78,6 +82,47 @@ def merge_regions(labels: np.ndarray, min_area: int, max_regions: int) -> np.nda
             break
         root = nxt
     return relabel(root[labels])
+
+
+def merge_similar_colours(labels: np.ndarray, image: np.ndarray, threshold: float) -> np.ndarray:
+    """Merge adjacent regions whose mean CIELAB colours are less than ``threshold`` apart (ΔE 1976),
+    the closest pair first, with means updated after each merge; return a relabelled partition.
+
+    This turns a colour over-segmentation into object-like regions: a flat object split into several
+    superpixels becomes one, while neighbours of clearly different colour stay apart. The merging is
+    scikit-image's ``merge_hierarchical``; the region graph is built here from :func:`border_lengths` and
+    ``bincount``, because ``rag_mean_color`` filters every pixel in Python and took ~5x the time of SLIC.
+    """
+    labels = relabel(labels)
+    lab = rgb2lab(image).reshape(-1, 3)
+    flat = labels.ravel()
+    k = int(flat.max()) + 1
+    counts = np.bincount(flat, minlength=k).astype(np.float64)
+    totals = np.stack([np.bincount(flat, weights=lab[:, c], minlength=k) for c in range(3)], axis=1)
+    rag = graph.RAG()
+    for n in range(k):
+        rag.add_node(n, labels=[n], **{"pixel count": counts[n], "total color": totals[n], "mean color": totals[n] / counts[n]})
+    for a, neighbours in border_lengths(labels).items():
+        for b in neighbours:
+            if a < b:
+                rag.add_edge(a, b, weight=_colour_distance(rag, a, b))
+    merged = graph.merge_hierarchical(
+        labels, rag, thresh=threshold, rag_copy=False, in_place_merge=True,
+        merge_func=_pool_colours, weight_func=lambda g, src, dst, n: {"weight": _colour_distance(g, dst, n)},
+    )
+    return relabel(merged)
+
+
+def _colour_distance(rag: Any, a: int, b: int) -> float:
+    return float(np.linalg.norm(rag.nodes[a]["mean color"] - rag.nodes[b]["mean color"]))
+
+
+def _pool_colours(rag: Any, src: int, dst: int) -> None:
+    """``merge_hierarchical`` hook: ``dst`` absorbs ``src``'s pixels, so its mean colour is recomputed."""
+    node, other = rag.nodes[dst], rag.nodes[src]
+    node["total color"] = node["total color"] + other["total color"]
+    node["pixel count"] += other["pixel count"]
+    node["mean color"] = node["total color"] / node["pixel count"]
 
 
 def check_partition(labels: np.ndarray, shape: tuple[int, int]) -> None:
