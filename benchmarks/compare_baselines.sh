@@ -3,12 +3,13 @@
 # baselines on the synthetic benchmark with one seed and step budget, then write the comparison table and
 # the Pareto plot (cIoU vs LLM FLOPs) into docs/results.md (between the "baselines" markers) and
 # docs/pareto_baselines.png. Usage: bash benchmarks/compare_baselines.sh [OUT_DIR] [key=value ...]
-# (about 20 minutes on 2 CPU cores at the recipes' 1000 steps).
+# (about 30 minutes on 2 CPU cores at the recipes' 1000 steps).
 set -euo pipefail
 out=${1:-runs/baselines}
 shift || true
 paths=() runs=()
-for r in quickstart token_routing fastv mod avgpool sam_superpixel ssp_token_routing; do
+for r in quickstart token_routing fastv mod avgpool slic_superpixel sam_superpixel sam_superpixel_no_pe \
+    sam_superpixel_no_agg ssp_token_routing; do
   paths+=("recipes/$r.yaml") runs+=("$out/$r")
 done
 segrouter sweep --out "$out" --recipes "${paths[@]}" trainer.enable_progress_bar=false "$@" \

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -289,3 +292,22 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
         SAMSuperpixelProjector(8, 16, (4, 4), max_regions=0)
     with pytest.warns(UserWarning, match="random tiny SAM"):
         SAMSuperpixelProjector(8, 16, (4, 4), generator="sam", aggregator_heads=2)
+
+
+def test_trained_tiny_sam_folder_loads_as_sam_path(tmp_path: Path) -> None:
+    """benchmarks/train_tiny_sam.py writes a save_pretrained folder that generator: sam loads offline and
+    partitions with; its settings (the cache key) name the folder's files."""
+    out = tmp_path / "tiny_sam"
+    script = Path(__file__).parents[1] / "benchmarks" / "train_tiny_sam.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(out), "--steps", "2", "--batch", "2", "--points", "2",
+         "--width", "32", "--depth", "1", "--num-samples", "8"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "training.json").read_text())
+    assert report["steps"] == 2 and 0.0 <= report["val_point_miou"] <= 1.0
+    gen = SAMAutomaticMaskGenerator(str(out), points_per_side=4, pred_iou_thresh=0.0, stability_thresh=0.0,
+                                    min_area=4, max_regions=32)
+    assert gen.model.config.vision_config.hidden_size == 32 and "model.safetensors" in gen.settings()["weights"]
+    check_partition(gen(_scene(64)), (64, 64))

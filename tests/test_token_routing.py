@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from segrouter.bench import lisa_sequence, run_bench
-from segrouter.errors import RecipeError
+from segrouter.errors import RecipeError, SegrouterError
 from segrouter.flops import count_flops
 from segrouter.registry import load_builtins, registry
 from segrouter.routing.base import Kind
@@ -129,7 +129,7 @@ def test_bench_random_init_toy_shape(tmp_path: Path) -> None:
     args = argparse.Namespace(
         recipe=str(RECIPES / "token_routing.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[],
         random_init="toy", num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1,
-        warmup=1, repeats=2, device="cpu", dtype="float32", out=str(tmp_path / "b.json"),
+        warmup=1, repeats=2, device="cpu", dtype="float32", out=str(tmp_path / "b.json"), candidate_image_tokens=None,
     )
     r = run_bench(args)
     assert 0 < r["flops_ratio"] < 1 and len(r["A"]["times_s"]) == 2
@@ -141,10 +141,30 @@ def test_bench_from_recipes(tmp_path: Path) -> None:
     args = argparse.Namespace(
         recipe=str(RECIPES / "tiny.yaml"), vs=str(RECIPES / "tiny.yaml"), overrides=["model.routing.name=token_routing"],
         random_init=None, num_layers=None, batch=2, warmup=0, repeats=1, device="cpu", dtype="float32", out=None,
-        image_tokens=576, text_tokens=32, num_mask_tokens=1,
+        image_tokens=576, text_tokens=32, num_mask_tokens=1, candidate_image_tokens=None,
     )
     r = run_bench(args)
     assert r["A"]["visual_tokens"] == 16 and r["flops_ratio"] < 1
+    args.candidate_image_tokens = 40
+    with pytest.raises(SegrouterError, match="only applies with --random-init"):
+        run_bench(args)
+
+
+def test_bench_random_init_with_a_compressors_token_count() -> None:
+    """Superpixel counts need not be squares: 40 tokens against a 64-patch grid, same routing."""
+    args = argparse.Namespace(
+        recipe=str(RECIPES / "quickstart.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[],
+        random_init="toy", num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1,
+        warmup=0, repeats=1, device="cpu", dtype="float32", out=None, candidate_image_tokens=40,
+    )
+    r = run_bench(args)
+    assert (r["A"]["visual_tokens"], r["B"]["visual_tokens"]) == (40, 64)
+    assert r["A"]["ffn_tokens"][0] == 40 + 8 + 1 + 5 and r["B"]["ffn_tokens"][0] == 64 + 8 + 1 + 5
+    assert 0.5 < r["flops_ratio"] < 0.8
+    seq = lisa_sequence(8, 40, 2, 1, 1, torch.device("cpu"), torch.float32)
+    coords = seq.coords[0, 4:44]
+    assert len(torch.unique(coords, dim=0)) == 40 and coords.min() > 0 and coords.max() < 1
+    assert coords[0, 0] < 0.2 and coords[-1, 0] > 0.8  # spread over the whole image, top to bottom
 
 
 def test_analyze_attention(tmp_path: Path) -> None:

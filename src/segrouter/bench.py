@@ -4,7 +4,8 @@ For each recipe it reports the FLOPs counted by ``torch.utils.flop_counter`` (wh
 wall time of repeated forwards after warm-up (the two recipes interleaved, so drift hits both alike), the
 tokens each layer's attention and FFN computed, and the achieved speedup as a fraction of the FLOP-ideal
 one. ``--random-init SHAPE`` benchmarks a named real LLM shape with random weights and a LISA-like sequence
-(576 image tokens by default), so speed claims can be checked without checkpoints, on CPU or GPU.
+(576 image tokens by default), so speed claims can be checked without checkpoints, on CPU or GPU;
+``--candidate-image-tokens N`` gives recipe A a compressor's token count (e.g. superpixels) instead.
 """
 
 from __future__ import annotations
@@ -54,18 +55,20 @@ class Measured:
 
 def lisa_sequence(hidden: int, image_tokens: int, text_tokens: int, num_mask_tokens: int, batch: int,
                   device: torch.device, dtype: torch.dtype) -> TokenSequence:
-    """A LISA-shaped input: a short prompt prefix, a square grid of image tokens, the expression and the
-    answer with its mask tokens (``[SEG]``) and a last text token."""
-    side = int(math.isqrt(image_tokens))
-    if side * side != image_tokens:
-        raise SegrouterError(f"--image-tokens {image_tokens} is not a square", fix="use e.g. 576 (24×24) or 256")
+    """A LISA-shaped input: a short prompt prefix, the image tokens, the expression and the answer with its
+    mask tokens (``[SEG]``) and a last text token. A square count is a patch grid; any other count (e.g.
+    superpixels) is spread evenly over the cells of the smallest square grid that holds it, in raster order."""
+    if image_tokens < 1:
+        raise SegrouterError(f"image token count must be positive, got {image_tokens}", fix="use e.g. 576 (24×24)")
+    side = math.isqrt(image_tokens - 1) + 1
+    cells = torch.linspace(0, side * side - 1, image_tokens).round().long()
     prefix, tail = 4, 1
     kinds = ([Kind.TEXT] * prefix + [Kind.IMAGE] * image_tokens + [Kind.TEXT] * text_tokens
              + [Kind.MASK] * num_mask_tokens + [Kind.TEXT] * tail)
     length = len(kinds)
     k = torch.tensor([int(x) for x in kinds], device=device)[None].repeat(batch, 1)
     coords = torch.zeros(batch, length, 2, device=device)
-    coords[:, prefix : prefix + image_tokens] = grid_coords(side, side, device=device)
+    coords[:, prefix : prefix + image_tokens] = grid_coords(side, side, device=device)[cells.to(device)]
     g = torch.Generator(device="cpu").manual_seed(0)
     embeds = (torch.randn(batch, length, hidden, generator=g) * 0.02).to(device=device, dtype=dtype)
     pos = torch.arange(length, device=device)[None].repeat(batch, 1)
@@ -111,17 +114,18 @@ def _random_init(args: argparse.Namespace, nodes: dict[str, dict[str, Any]], dev
     tok = build_tokenizer(None, [], args.num_mask_tokens)
     torch.manual_seed(0)
     llm = registry("llm").build({"name": "hf_causal", **shape}, tok).to(device=device, dtype=dtype).eval()
-    seq = lisa_sequence(llm.hidden_size, args.image_tokens, args.text_tokens, args.num_mask_tokens, args.batch,
-                        device, dtype)
+    visual = {"A": args.candidate_image_tokens or args.image_tokens, "B": args.image_tokens}
     runs, strategies = {}, {}
     for name, node in nodes.items():
+        seq = lisa_sequence(llm.hidden_size, visual[name], args.text_tokens, args.num_mask_tokens, args.batch,
+                            device, dtype)
         strat = registry("routing").build(node, where=f"{name}: model.routing")
         strat.setup(llm)
         strat.to(device=device, dtype=dtype).eval()
         strategies[name] = strat
-        runs[name] = (lambda s=strat: s(llm, seq))
-    info = {"shape": args.random_init, **shape, "image_tokens": args.image_tokens, "sequence_length": int(seq.kinds.shape[1])}
-    return runs, strategies, {n: float(args.image_tokens) for n in nodes}, info
+        runs[name] = (lambda s=strat, q=seq: s(llm, q))
+    info = {"shape": args.random_init, **shape, "image_tokens": visual, "text_tokens": args.text_tokens}
+    return runs, strategies, {n: float(v) for n, v in visual.items()}, info
 
 
 def _from_recipes(args: argparse.Namespace, cfgs: dict[str, Any], device: torch.device,
@@ -150,6 +154,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SegrouterError("--device cuda but no CUDA device is visible", fix="use --device cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.candidate_image_tokens is not None and not args.random_init:
+        raise SegrouterError("--candidate-image-tokens only applies with --random-init",
+                             fix="recipes bring their own visual tokens; drop the flag or add --random-init SHAPE")
     cfgs = {"A": load_recipe(args.recipe, args.overrides), "B": load_recipe(args.vs)}
     names = {"A": cfgs["A"].name, "B": cfgs["B"].name}
     if args.random_init:
@@ -213,7 +220,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--vs", required=True, help="recipe B (the reference)")
     p.add_argument("--random-init", metavar="SHAPE", help=f"bench a random LLM of a named shape: {', '.join(SHAPES)}")
     p.add_argument("--num-layers", type=int, help="override the shape's depth (e.g. to fit CPU memory)")
-    p.add_argument("--image-tokens", type=int, default=576)
+    p.add_argument("--image-tokens", type=int, default=576, help="--random-init: image tokens of each sequence")
+    p.add_argument("--candidate-image-tokens", type=int, metavar="N",
+                   help="--random-init: recipe A gets N image tokens instead (a compressor, e.g. 40 superpixels)")
     p.add_argument("--text-tokens", type=int, default=32)
     p.add_argument("--num-mask-tokens", type=int, default=1)
     p.add_argument("--batch", type=int, default=1)

@@ -44,25 +44,35 @@ _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255.0
 _RANDOM_SEED = 0
 
 
-def tiny_random_sam() -> SamModel:
-    """A seeded, randomly initialised SAM small enough for CPU tests (64 px input, 8×8 embedding)."""
-    width = 32
-    config = SamConfig(
+def normalise_for_sam(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in 0..255 → ImageNet-normalised, as SAM's processor does."""
+    return (pixels.float() - _MEAN.to(pixels.device)) / _STD.to(pixels.device)
+
+
+def tiny_sam_config(width: int = 32, depth: int = 1, image_size: int = 64, patch_size: int = 8) -> SamConfig:
+    """A SAM small enough for CPU: ``depth`` ViT layers of ``width`` channels on ``image_size`` px inputs
+    (embedding grid ``image_size / patch_size``; the mask decoder predicts masks at 4x that grid)."""
+    grid = image_size // patch_size
+    return SamConfig(
         vision_config=SamVisionConfig(
-            hidden_size=width, output_channels=width, num_hidden_layers=1, num_attention_heads=2, mlp_dim=64,
-            image_size=64, patch_size=8, window_size=4, global_attn_indexes=[0], num_pos_feats=width // 2,
-            scale=width // 2,
+            hidden_size=width, output_channels=width, num_hidden_layers=depth, num_attention_heads=2,
+            mlp_dim=2 * width, image_size=image_size, patch_size=patch_size, window_size=grid // 2,
+            global_attn_indexes=[depth - 1], num_pos_feats=width // 2, scale=width // 2,
         ),
         prompt_encoder_config=SamPromptEncoderConfig(
-            hidden_size=width, image_size=64, patch_size=8, image_embedding_size=8
+            hidden_size=width, image_size=image_size, patch_size=patch_size, image_embedding_size=grid
         ),
         mask_decoder_config=SamMaskDecoderConfig(
-            hidden_size=width, num_attention_heads=2, mlp_dim=64, iou_head_hidden_dim=width
+            hidden_size=width, num_attention_heads=2, mlp_dim=2 * width, iou_head_hidden_dim=width
         ),
     )
+
+
+def tiny_random_sam() -> SamModel:
+    """A seeded, randomly initialised tiny SAM (64 px input, 8×8 embedding) for tests."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_RANDOM_SEED)
-        return SamModel(config)
+        return SamModel(tiny_sam_config())
 
 
 class SAMAutomaticMaskGenerator:
@@ -138,7 +148,7 @@ class SAMAutomaticMaskGenerator:
         s = self._scale(h, w)
         x = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float()
         x = F.interpolate(x, size=(round(h * s), round(w * s)), mode="bilinear", align_corners=False, antialias=True)
-        x = (x - _MEAN.to(x.device)) / _STD.to(x.device)
+        x = normalise_for_sam(x)
         x = F.pad(x, (0, self.input_size - x.shape[-1], 0, self.input_size - x.shape[-2]))
         return self.model.get_image_embeddings(x)
 
