@@ -12,7 +12,9 @@ every object exactly; the same score for the patch grid is printed as the refere
   immunohistochemistry), centre-cropped and resized to 224×224 (no masks: no oracle IoU).
 
 Generator settings default to the compressor's defaults; override them on the command line, e.g.
-``python benchmarks/superpixel_tokens.py --colour-threshold 0 --n-segments 24`` (plain SLIC) or ``--generator sam --sam-path /models/sam``.
+``python benchmarks/superpixel_tokens.py --colour-threshold 0 --n-segments 24`` (plain SLIC) or
+``--generator sam --sam-path /models/sam``; ``--sets synthetic64`` measures one set only (e.g. for the tiny
+SAM of ``benchmarks/train_tiny_sam.py``, which has only seen synthetic scenes).
 """
 
 from __future__ import annotations
@@ -137,6 +139,8 @@ def main() -> None:
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=defaults[key])
     for key in ("pred_iou_thresh", "stability_thresh", "compactness", "colour_threshold"):
         ap.add_argument(f"--{key.replace('_', '-')}", type=float, default=defaults[key])
+    ap.add_argument("--sets", nargs="+", choices=("synthetic64", "shapes224", "skimage224"),
+                    default=["synthetic64", "shapes224", "skimage224"], help="image sets to measure")
     ap.add_argument("--synthetic", type=int, default=200, help="number of synthetic val images")
     ap.add_argument("--shapes", type=int, default=20, help="number of shapes224 images")
     args = ap.parse_args()
@@ -152,9 +156,14 @@ def main() -> None:
     print("| images | n | patch tokens | median tokens | mean | max | median/patches | max/patches "
           "| oracle IoU | patch-grid oracle IoU | ms/image |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    report("synthetic64", synthetic(args.synthetic), 8, gen)
-    report("shapes224", shapes224(args.shapes), 16, gen)
-    report("skimage224", skimage224(), 16, gen)
+    sets = {
+        "synthetic64": lambda: (synthetic(args.synthetic), 8),
+        "shapes224": lambda: (shapes224(args.shapes), 16),
+        "skimage224": lambda: (skimage224(), 16),
+    }
+    for name in args.sets:
+        samples, patch = sets[name]()
+        report(name, samples, patch, gen)
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:

@@ -141,8 +141,9 @@ class SAMSuperpixelProjector(Compressor):
     to the LLM width (+ SSPE). ``positional_embedding`` / ``aggregator`` false remove SSPE / SSA entirely.
 
     Generator settings: ``points_per_side``, ``pred_iou_thresh``, ``stability_thresh`` (SAM; thresholds
-    of the first author's "ssa" presets in HAL-42/TUSS), ``n_segments``, ``compactness``, ``colour_threshold`` (SLIC), and for
-    both ``min_area`` (pixels) / ``max_regions``. ``cache_dir`` stores partitions on disk (null: memory).
+    of the first author's "ssa" presets in HAL-42/TUSS), ``n_segments``, ``compactness``,
+    ``colour_threshold`` (SLIC), and for both ``min_area`` (pixels) / ``max_regions``. ``cache_dir``
+    stores partitions on disk (null: memory).
     """
 
     def __init__(

@@ -36,6 +36,7 @@ class SLICSuperpixelProjector(SAMSuperpixelProjector):
     ) -> None:
         super().__init__(
             in_dim, out_dim, grid_size, generator="slic", n_segments=n_segments, compactness=compactness,
-            colour_threshold=0.0, min_area=min_area, max_regions=max_regions, cache_dir=cache_dir, positional_embedding=positional_embedding,
-            aggregator=aggregator, aggregator_heads=aggregator_heads, context_tokens=context_tokens, depth=depth,
+            colour_threshold=0.0, min_area=min_area, max_regions=max_regions, cache_dir=cache_dir,
+            positional_embedding=positional_embedding, aggregator=aggregator, aggregator_heads=aggregator_heads,
+            context_tokens=context_tokens, depth=depth,
         )

@@ -100,8 +100,9 @@ def merge_similar_colours(labels: np.ndarray, image: np.ndarray, threshold: floa
     counts = np.bincount(flat, minlength=k).astype(np.float64)
     totals = np.stack([np.bincount(flat, weights=lab[:, c], minlength=k) for c in range(3)], axis=1)
     rag = graph.RAG()
-    for n in range(k):
-        rag.add_node(n, labels=[n], **{"pixel count": counts[n], "total color": totals[n], "mean color": totals[n] / counts[n]})
+    for n in range(k):  # the attribute names merge_hierarchical's callers conventionally use
+        attributes = {"pixel count": counts[n], "total color": totals[n], "mean color": totals[n] / counts[n]}
+        rag.add_node(n, labels=[n], **attributes)
     for a, neighbours in border_lengths(labels).items():
         for b in neighbours:
             if a < b:
