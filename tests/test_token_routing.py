@@ -165,6 +165,9 @@ def test_bench_random_init_with_a_compressors_token_count() -> None:
     coords = seq.coords[0, 4:44]
     assert len(torch.unique(coords, dim=0)) == 40 and coords.min() > 0 and coords.max() < 1
     assert coords[0, 0] < 0.2 and coords[-1, 0] > 0.8  # spread over the whole image, top to bottom
+    args.candidate_image_tokens = 0
+    with pytest.raises(SegrouterError, match="image token count must be positive, got 0"):
+        run_bench(args)
 
 
 def test_analyze_attention(tmp_path: Path) -> None:

@@ -114,7 +114,8 @@ def _random_init(args: argparse.Namespace, nodes: dict[str, dict[str, Any]], dev
     tok = build_tokenizer(None, [], args.num_mask_tokens)
     torch.manual_seed(0)
     llm = registry("llm").build({"name": "hf_causal", **shape}, tok).to(device=device, dtype=dtype).eval()
-    visual = {"A": args.candidate_image_tokens or args.image_tokens, "B": args.image_tokens}
+    candidate = args.image_tokens if args.candidate_image_tokens is None else args.candidate_image_tokens
+    visual = {"A": candidate, "B": args.image_tokens}
     runs, strategies = {}, {}
     for name, node in nodes.items():
         seq = lisa_sequence(llm.hidden_size, visual[name], args.text_tokens, args.num_mask_tokens, args.batch,
