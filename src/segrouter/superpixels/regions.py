@@ -100,7 +100,7 @@ def merge_similar_colours(labels: np.ndarray, image: np.ndarray, threshold: floa
     counts = np.bincount(flat, minlength=k).astype(np.float64)
     totals = np.stack([np.bincount(flat, weights=lab[:, c], minlength=k) for c in range(3)], axis=1)
     rag = graph.RAG()
-    for n in range(k):  # the attribute names merge_hierarchical's callers conventionally use
+    for n in range(k):  # merge_hierarchical reads "labels"; the colour sums are kept for _pool_colours
         attributes = {"pixel count": counts[n], "total color": totals[n], "mean color": totals[n] / counts[n]}
         rag.add_node(n, labels=[n], **attributes)
     for a, neighbours in border_lengths(labels).items():
