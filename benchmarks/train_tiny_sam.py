@@ -56,6 +56,17 @@ def make_batch(ds: SyntheticReferringDataset, indices: np.ndarray, points: int, 
     return normalise_for_sam(pixels), point_tensor, torch.from_numpy(np.stack(targets)).float()
 
 
+def predict(model: SamModel, images: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask logits upsampled to the input size (B, P, 3, S, S) and predicted IoUs (B, P, 3), one
+    foreground point per prompt, 3 masks each (SAM's multimask output)."""
+    size = model.config.vision_config.image_size
+    out = model(pixel_values=images, input_points=points,
+                input_labels=torch.ones(points.shape[:3], dtype=torch.int), multimask_output=True)
+    logits = F.interpolate(out.pred_masks.flatten(0, 2)[:, None], size=(size, size), mode="bilinear",
+                           align_corners=False)
+    return logits.view(*out.pred_masks.shape[:3], size, size), out.iou_scores
+
+
 def losses(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Best-of-3 mask loss (BCE + dice) and the IoU head's MSE on all 3 masks. logits (B, P, 3, S, S)."""
     target = target[:, :, None].expand_as(logits)
@@ -88,15 +99,11 @@ def main() -> None:
     model = SamModel(tiny_sam_config(width=args.width, depth=args.depth))
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=args.steps)
-    size = model.config.vision_config.image_size
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         images, points, targets = make_batch(ds, rng.integers(len(ds), size=args.batch), args.points, rng)
-        out = model(pixel_values=images, input_points=points,
-                    input_labels=torch.ones(points.shape[:3], dtype=torch.int), multimask_output=True)
-        logits = F.interpolate(out.pred_masks.flatten(0, 2)[:, None], size=(size, size), mode="bilinear",
-                               align_corners=False).view(*out.pred_masks.shape[:3], size, size)
-        mask_loss, iou_loss = losses(logits, out.iou_scores, targets)
+        logits, iou_pred = predict(model, images, points)
+        mask_loss, iou_loss = losses(logits, iou_pred, targets)
         optim.zero_grad()
         (mask_loss + iou_loss).backward()
         optim.step()
@@ -107,18 +114,16 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         images, points, targets = make_batch(val, np.arange(len(val)), 4, np.random.default_rng(1))
-        out = model(pixel_values=images, input_points=points,
-                    input_labels=torch.ones(points.shape[:3], dtype=torch.int), multimask_output=True)
-        logits = F.interpolate(out.pred_masks.flatten(0, 2)[:, None], size=(size, size), mode="bilinear",
-                               align_corners=False).view(*out.pred_masks.shape[:3], size, size)
-        best = out.iou_scores.argmax(-1)  # the mask SAM itself would pick
-        chosen = logits.gather(2, best[..., None, None, None].expand(-1, -1, 1, size, size))[:, :, 0] > 0
+        logits, iou_pred = predict(model, images, points)
+        best = iou_pred.argmax(-1)  # the mask SAM itself would pick
+        index = best[..., None, None, None].expand(-1, -1, 1, *logits.shape[-2:])
+        chosen = logits.gather(2, index)[:, :, 0] > 0
         inter = (chosen & targets.bool()).sum((-1, -2))
         union = (chosen | targets.bool()).sum((-1, -2))
         miou = float((inter / union.clamp(min=1)).mean())
     Path(args.out).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
-    report = {"val_point_miou": miou, "steps": args.steps, "seconds": time.perf_counter() - start, **vars(args)}
+    report = {"val_point_miou": miou, "seconds": time.perf_counter() - start, **vars(args)}
     (Path(args.out) / "training.json").write_text(json.dumps(report, indent=2))
     print(f"val mIoU of the top-scored mask per point: {miou:.3f}; saved to {args.out}")
 
