@@ -206,6 +206,24 @@ def test_full_model_forward_with_sam_superpixel(tmp_path: Path, monkeypatch: pyt
     assert model.compressor.proj[0].weight.grad.abs().sum() > 0
 
 
+def test_validation_logs_the_spread_of_per_image_token_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adaptive counts are logged as the split's mean, min and max, and predict_step returns them per image."""
+    import lightning as L
+
+    cfg = tiny_cfg(tmp_path, "model.compressor.name=sam_superpixel", "model.compressor.n_segments=6")
+    model, dm = build_model(cfg)
+    counts = iter(range(1, 10_000))
+    monkeypatch.setattr(model.compressor, "partition", lambda image: _stripes(next(counts) % 4 + 1))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1)
+    logged = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    assert (logged["val/visual_tokens_min"], logged["val/visual_tokens_max"]) == (1.0, 4.0)
+    assert 1.0 < logged["val/visual_tokens"] < 4.0
+    batch = next(iter(dm.val_dataloader()))
+    out = model.predict_step(batch, 0)
+    assert out["visual_tokens"].shape == (len(batch["id"]),) and set(out["visual_tokens"].tolist()) <= {1, 2, 3, 4}
+
+
 # ----------------------------------------------------------------------------------------------- cache
 def test_cache_hits_misses_and_atomic_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gen, image = _slic(), _scene()

@@ -101,8 +101,9 @@ def load_weights(model: torch.nn.Module, ckpt: str) -> None:
         )
 
 
-def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: torch.device) -> np.ndarray:
-    """Bool (H, W) mask at the image's own size for one expression."""
+def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: torch.device) -> tuple[np.ndarray, int]:
+    """Bool (H, W) mask at the image's own size for one expression, and how many visual tokens the LLM
+    read (adaptive compressors such as ``sam_superpixel`` vary it per image)."""
     from segrouter.datasets.refcoco import letterbox, letterbox_size
 
     size = model.image_size
@@ -110,10 +111,11 @@ def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: t
     batch = data.collate([{"image": img, "mask": torch.zeros(size, size), "text": text, "id": "0"}])
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.no_grad():
-        logits = model(batch)["masks"][0].float()
+        out = model(batch)
+    logits = out["masks"][0].float()
     h, w = letterbox_size(image.height, image.width, size)
     full = F.interpolate(logits[None, None, :h, :w], size=(image.height, image.width), mode="bilinear", align_corners=False)
-    return (full[0, 0] > 0).cpu().numpy()
+    return (full[0, 0] > 0).cpu().numpy(), int(out["visual_tokens"][0])
 
 
 def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
@@ -158,8 +160,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     model.to(device).eval()
     for job in jobs:
         image = _read(job.image)
-        mask = predict_mask(model, data, image, job.text, device)
+        mask, visual_tokens = predict_mask(model, data, image, job.text, device)
         _write(Image.fromarray(mask.astype(np.uint8) * 255), job.out)
         if job.overlay is not None:
             _write(overlay(image, mask), job.overlay)
-        print(f"segrouter: {job.image} → {job.out} ({int(mask.sum())} px)")
+        print(f"segrouter: {job.image} → {job.out} ({int(mask.sum())} px, {visual_tokens} visual tokens)")

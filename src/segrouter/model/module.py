@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 
 from segrouter.errors import SegrouterError
 from segrouter.flops import count_flops
@@ -94,6 +94,10 @@ class SegmentationMLLM(L.LightningModule):
         )
         self.eval_means = nn.ModuleDict(
             {s: nn.ModuleDict({k: MeanMetric() for k in ("visual_tokens", "llm_flops", "latency_ms")}) for s in SPLITS}
+        )
+        # adaptive compressors vary the count per image: its spread over the split, next to the mean
+        self.eval_token_range = nn.ModuleDict(
+            {s: nn.ModuleDict({"visual_tokens_min": MinMetric(), "visual_tokens_max": MaxMetric()}) for s in SPLITS}
         )
         self._step_start = 0.0
 
@@ -188,6 +192,8 @@ class SegmentationMLLM(L.LightningModule):
         self.eval_metrics[split].update(out["masks"] > 0, batch["mask"] > 0.5)
         means = self.eval_means[split]
         means["visual_tokens"].update(out["visual_tokens"].float())
+        for metric in self.eval_token_range[split].values():
+            metric.update(out["visual_tokens"].float())
         if count:
             means["llm_flops"].update(torch.tensor(out["llm_flops"] / bs, dtype=torch.float64), weight=bs)
         else:  # latency from uncounted batches only: the FLOP counter slows the ops it watches
@@ -197,7 +203,7 @@ class SegmentationMLLM(L.LightningModule):
     def _eval_epoch_end(self, split: str) -> None:
         self.log_dict(self.eval_metrics[split].compute(), prog_bar=True, sync_dist=False)
         self.eval_metrics[split].reset()
-        for name, metric in self.eval_means[split].items():
+        for name, metric in [*self.eval_means[split].items(), *self.eval_token_range[split].items()]:
             if metric.update_called:
                 self.log(f"{split}/{name}", metric.compute())
             metric.reset()
@@ -216,7 +222,7 @@ class SegmentationMLLM(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         out = self(batch)
-        return {"id": batch["id"], "masks": out["masks"] > 0, "logits": out["masks"]}
+        return {"id": batch["id"], "masks": out["masks"] > 0, "logits": out["masks"], "visual_tokens": out["visual_tokens"]}
 
     # ---------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:
