@@ -26,6 +26,7 @@ import torch
 from segrouter.compressors.base import grid_coords
 from segrouter.errors import SegrouterError
 from segrouter.flops import count_flops
+from segrouter.llms.base import CausalLLM
 from segrouter.routing.base import Kind, RoutingStrategy, TokenSequence
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -35,6 +36,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     # LLaMA-2-7B / Vicuna-7B (LLaVA, LISA-7B): the paper-scale shape.
     "llama-7b": {"family": "llama", "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 32,
                  "intermediate_size": 11008},
+    # TinyLlama-1.1B: a LLaMA shape small enough to train with AdamW on one GPU in seconds per step.
+    "tinyllama-1.1b": {"family": "llama", "hidden_size": 2048, "num_layers": 22, "num_heads": 32, "num_kv_heads": 4,
+                       "intermediate_size": 5632},
     # A toy shape for tests.
     "toy": {"family": "qwen2", "hidden_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
             "intermediate_size": 256},
@@ -76,20 +80,27 @@ def lisa_sequence(hidden: int, image_tokens: int, text_tokens: int, num_mask_tok
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes: between CUDA events recorded around it on a GPU (the queue is
+    drained first, so earlier work is not counted), wall clock otherwise."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
 def measure(runs: dict[str, Callable[[], Any]], strategies: dict[str, RoutingStrategy], visual: dict[str, float],
-            device: torch.device, warmup: int, repeats: int) -> dict[str, Measured]:
-    """Count FLOPs once per run, then time them interleaved: warm-up rounds, then ``repeats`` rounds."""
+            device: torch.device, warmup: int, repeats: int, *, grad: bool = False) -> dict[str, Measured]:
+    """Count FLOPs once per run, then time them interleaved: warm-up rounds, then ``repeats`` rounds.
+    Without ``grad`` the runs are inference (no autograd graph); with it they may train (backward included)."""
     out: dict[str, Measured] = {}
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for name, fn in runs.items():
             _, flops = count_flops(fn)
             out[name] = Measured(flops, [], strategies[name].stats.as_lists(), visual[name])
@@ -101,19 +112,39 @@ def measure(runs: dict[str, Callable[[], Any]], strategies: dict[str, RoutingStr
     return out
 
 
-def _random_init(args: argparse.Namespace, nodes: dict[str, dict[str, Any]], device: torch.device,
-                 dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy], dict[str, float], dict[str, Any]]:
+def random_llm(name: str, *, num_mask_tokens: int, device: torch.device, dtype: torch.dtype,
+               num_layers: int | None = None) -> tuple[CausalLLM, dict[str, Any]]:
+    """A randomly initialised LLM of the named shape (and its shape), in eval mode.
+
+    Its weights are created and initialised directly on ``device`` in ``dtype``: a 7B model built in fp32 on
+    the host and moved would need 28 GB of host memory and minutes of CPU initialisation.
+    """
     from segrouter.registry import registry
     from segrouter.text import build_tokenizer
 
-    if args.random_init not in SHAPES:
-        raise SegrouterError(f"unknown shape '{args.random_init}'", fix=f"shapes: {', '.join(SHAPES)}")
-    shape = dict(SHAPES[args.random_init])
-    if args.num_layers:
-        shape["num_layers"] = args.num_layers
-    tok = build_tokenizer(None, [], args.num_mask_tokens)
+    if name not in SHAPES:
+        raise SegrouterError(f"unknown shape '{name}'", fix=f"shapes: {', '.join(SHAPES)}")
+    shape = dict(SHAPES[name])
+    if num_layers:
+        shape["num_layers"] = num_layers
+    tok = build_tokenizer(None, [], num_mask_tokens)
     torch.manual_seed(0)
-    llm = registry("llm").build({"name": "hf_causal", **shape}, tok).to(device=device, dtype=dtype).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            llm = registry("llm").build({"name": "hf_causal", **shape}, tok)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return llm.eval(), shape
+
+
+def _random_init(args: argparse.Namespace, nodes: dict[str, dict[str, Any]], device: torch.device,
+                 dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy], dict[str, float], dict[str, Any]]:
+    from segrouter.registry import registry
+
+    llm, shape = random_llm(args.random_init, num_mask_tokens=args.num_mask_tokens, device=device, dtype=dtype,
+                            num_layers=args.num_layers)
     candidate = args.image_tokens if args.candidate_image_tokens is None else args.candidate_image_tokens
     visual = {"A": candidate, "B": args.image_tokens}
     runs, strategies = {}, {}
