@@ -27,6 +27,10 @@ if ! python3 -c "import omegaconf" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     2>&1 | tee -a "$out/log.txt"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  if ! python3 -c "import omegaconf" 2>>"$out/log.txt"; then
+    echo "run.sh: error: omegaconf still cannot be imported after installing .whl/*.whl into /tmp/site (see $out/log.txt)" >&2
+    exit 2
+  fi
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 export TOKENIZERS_PARALLELISM=false
