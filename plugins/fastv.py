@@ -11,8 +11,9 @@ fraction ``ratio`` that received the least is removed from all later layers — 
 A removed token keeps its hidden state from layer ``k`` in the output. Position ids are kept, so RoPE and
 causal order are unchanged for the survivors.
 
-``rank_by`` picks whose attention counts: ``"all"`` averages over every valid query token (the paper's
-description; note the causal mask lets later image tokens be seen by fewer queries), ``"last_instruction"``
+``rank_by`` picks whose attention counts: ``"all"`` averages over every query token up to the mask token
+(the paper's description of the prefill; tokens after the mask token — a teacher-forced answer — must not
+choose what the mask token sees; the causal mask lets later image tokens be seen by fewer queries), ``"last_instruction"``
 uses one query, the last text token before the mask token (FastV's released code ranks by the last token's
 attention; cheaper, one attention row instead of L).
 """
@@ -37,6 +38,7 @@ from segrouter.routing.base import (
     run_layer,
     scatter,
     select,
+    up_to_first_mask,
 )
 from segrouter.routing.pdrop import last_instruction_token, top_image_tokens
 
@@ -85,7 +87,7 @@ class FastV(RoutingStrategy):
             self.stats.record(valid, valid)
             h = run_layer(llm, layer, h, bias, (cos, sin), pos)
 
-        queries = valid if self.rank_by == "all" else last_instruction_token(seq.kinds)
+        queries = up_to_first_mask(seq.kinds) if self.rank_by == "all" else last_instruction_token(seq.kinds)
         scores = received_attention(llm.layers[self.k - 1], layer_input, (cos, sin), pos, valid, queries)
         image = seq.is_kind(Kind.IMAGE)
         n_image = image.sum(dim=1)

@@ -80,6 +80,15 @@ class RoutingStrategy(nn.Module):
         raise NotImplementedError
 
 
+def up_to_first_mask(kinds: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the non-padding tokens up to and including each sample's first MASK token (all of them
+    when there is none). A rule that ranks tokens by the attention of these queries cannot let anything after
+    the mask token (a teacher-forced answer naming the target) change the mask token's state."""
+    is_mask = kinds == Kind.MASK
+    after = (is_mask.int().cumsum(dim=1) - is_mask.int()) > 0
+    return (kinds != Kind.PAD) & ~after
+
+
 def attention_bias(
     q_pos: torch.Tensor, q_valid: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:

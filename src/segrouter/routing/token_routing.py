@@ -29,6 +29,7 @@ Choices the abstract leaves open (see docs/methods/token_routing.md for the reas
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -51,7 +52,24 @@ from segrouter.routing.base import (
     run_layer,
     scatter,
     select,
+    up_to_first_mask,
 )
+
+
+@dataclass
+class _Plan:
+    """A routed layer's packing: the FFN tokens (``f_idx``), the routed tokens (``r_idx``; None when none is
+    routed) and where each routed token's update comes from in the FFN pack: ``source`` (B, R) rows for the
+    nearest proxy, or for ``weighted`` the proxies' rows (B, P) mixed by ``mix`` (B, R, P)."""
+
+    ffn_active: torch.Tensor
+    f_idx: torch.Tensor
+    f_ok: torch.Tensor
+    weight: torch.Tensor | None  # score rule: per-token scale of the FFN update
+    r_idx: torch.Tensor | None = None
+    r_ok: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+    mix: torch.Tensor | None = None
 
 
 class ProxyProjector(nn.Module):
@@ -169,26 +187,35 @@ class TokenRouting(RoutingStrategy):
             prior[rows[:, None], nearest] = True
         return prior
 
-    def _assignment(self, seq: TokenSequence, proxy_idx: torch.Tensor, proxy_ok: torch.Tensor,
-                    routed_idx: torch.Tensor, spacing: torch.Tensor) -> torch.Tensor:
-        """(B, R, P) weights from each routed image token to the proxies (rows sum to 1)."""
-        pc = gather(seq.coords, proxy_idx)
-        rc = gather(seq.coords, routed_idx)
-        d2 = torch.cdist(rc, pc).square()
-        d2 = d2.masked_fill(~proxy_ok[:, None, :], float("inf"))
+    def _plan(self, seq: TokenSequence, active: torch.Tensor, is_image: torch.Tensor, proxies: torch.Tensor,
+              weight: torch.Tensor | None, spacing: torch.Tensor) -> _Plan:
+        """Pack the FFN tokens and the routed tokens of a layer, and find each routed token's proxy (or
+        proxies) by its place in the FFN pack, so its update is a gather of the proxies' FFN updates."""
+        ffn_active = active & ~(is_image & ~proxies)
+        f_idx, f_ok = select(ffn_active)
+        routed = active & is_image & ~proxies
+        if not bool(routed.any()):
+            return _Plan(ffn_active, f_idx, f_ok, weight)
+        r_idx, r_ok = select(routed)
+        p_idx, p_ok = select(proxies)
+        slot = torch.zeros_like(is_image, dtype=torch.long).scatter(
+            1, f_idx, torch.arange(f_idx.shape[1], device=f_idx.device).expand_as(f_idx))
+        p_slot = gather(slot, p_idx)  # each proxy's row in the FFN pack (proxies always run the FFN)
+        d2 = torch.cdist(gather(seq.coords, r_idx), gather(seq.coords, p_idx)).square()
+        d2 = d2.masked_fill(~p_ok[:, None, :], float("inf"))
         if self.assignment == "nearest":
-            return torch.nn.functional.one_hot(d2.argmin(dim=-1), d2.shape[-1]).to(seq.embeds.dtype)
+            return _Plan(ffn_active, f_idx, f_ok, weight, r_idx, r_ok, gather(p_slot, d2.argmin(dim=-1)))
         k = min(self.neighbours, d2.shape[-1])
         kth = d2.topk(k, dim=-1, largest=False).values[..., -1:]
-        logits = -d2 / spacing[:, None, None].square()
-        logits = logits.masked_fill(d2 > kth, float("-inf"))
-        return logits.softmax(dim=-1).to(seq.embeds.dtype)
+        logits = (-d2 / spacing[:, None, None].square()).masked_fill(d2 > kth, float("-inf"))
+        return _Plan(ffn_active, f_idx, f_ok, weight, r_idx, r_ok, p_slot, logits.softmax(dim=-1).to(seq.embeds.dtype))
 
     def _choose(self, i: int, layer: nn.Module, h: torch.Tensor, layer_input: torch.Tensor, active: torch.Tensor,
-                is_image: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor,
+                is_image: torch.Tensor, rankers: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor,
                 packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Proxy mask (B, L) for layer ``i`` and, for the score rule, the per-token update weights."""
+        """Proxy mask (B, L) for layer ``i`` and, for the score rule, the per-token update weights. ``rankers``
+        are the tokens whose attention the attention rule counts."""
         if self.proxy_rule == "grid":
             return prior, None
         weight = None
@@ -196,9 +223,9 @@ class TokenRouting(RoutingStrategy):
             s = self.scorers[str(i)](layer.post_attention_layernorm(h)).squeeze(-1)
             ranking = s + prior.to(s.dtype)  # the grid prior wins while the zero-initialised scores are small
             weight = torch.where(is_image, 1 + self.score_alpha * torch.tanh(s), torch.ones_like(s))
-        else:  # attention received from the text and mask tokens in this layer
+        else:  # attention received from the text and mask tokens (up to the first mask token) in this layer
             idx, ok, p_a, pe = packed
-            received = received_attention(layer, gather(layer_input, idx), pe, p_a, ok, gather(active & ~is_image, idx))
+            received = received_attention(layer, gather(layer_input, idx), pe, p_a, ok, gather(active & rankers, idx))
             ranking = scatter(torch.zeros_like(h[..., :1]), idx, ok, received.unsqueeze(-1)).squeeze(-1)
         ranking = ranking.masked_fill(~is_image, float("-inf"))
         top = ranking.topk(int(counts.max()), dim=1).indices
@@ -216,12 +243,13 @@ class TokenRouting(RoutingStrategy):
         if self.late_text:
             after_first_mask = is_mask.long().cumsum(dim=1) > 0
             late = late | (after_first_mask & seq.is_kind(Kind.TEXT))
+        rankers = up_to_first_mask(seq.kinds) & ~is_image  # text and mask queries, never the answer after [SEG]
         counts = self._proxy_count(is_image.sum(dim=1))
         prior = self._grid_prior(seq, is_image, counts)
         spacing = 1.0 / counts.clamp(min=1).float().sqrt()
         self.stats = LayerStats()
         phases: dict[bool, tuple] = {}
-        cached_assign: torch.Tensor | None = None  # grid proxies are fixed, so is their assignment
+        fixed: dict[bool, _Plan] = {}  # grid proxies are the same in every routed layer of a phase: pack once
         for i, layer in enumerate(llm.layers):
             early = i < self.insert_layer
             if early not in phases:
@@ -237,28 +265,25 @@ class TokenRouting(RoutingStrategy):
                 continue
             layer_input = h
             h = scatter(h, idx, ok, attention_residual(layer, gather(h, idx), bias, pe))
-            proxies, weight = self._choose(i, layer, h, layer_input, active, is_image, counts, prior, (idx, ok, p_a, pe))
-            ffn_active = active & ~(is_image & ~proxies)
-            self.stats.record(active, ffn_active)
-            f_idx, f_ok = select(ffn_active)
-            h_f = gather(h, f_idx)
+            plan = fixed.get(early)
+            if plan is None:
+                proxies, weight = self._choose(i, layer, h, layer_input, active, is_image, rankers, counts, prior,
+                                               (idx, ok, p_a, pe))
+                plan = self._plan(seq, active, is_image, proxies, weight, spacing)
+                if self.proxy_rule == "grid":
+                    fixed[early] = plan
+            self.stats.record(active, plan.ffn_active)
+            h_f = gather(h, plan.f_idx)
             delta_f = ffn_update(layer, h_f)
-            if weight is not None:
-                delta_f = delta_f * gather(weight, f_idx).unsqueeze(-1)
-            h = scatter(h, f_idx, f_ok, h_f + delta_f)
-            routed = active & is_image & ~proxies
-            if not bool(routed.any()):
+            if plan.weight is not None:
+                delta_f = delta_f * gather(plan.weight, plan.f_idx).unsqueeze(-1)
+            h = scatter(h, plan.f_idx, plan.f_ok, h_f + delta_f)
+            if plan.r_idx is None:
                 continue
-            delta = scatter(torch.zeros_like(h), f_idx, f_ok, delta_f)
-            p_idx, p_ok = select(proxies)
-            r_idx, r_ok = select(routed)
-            if self.proxy_rule == "grid" and cached_assign is not None:
-                assign = cached_assign
-            else:
-                assign = self._assignment(seq, p_idx, p_ok, r_idx, spacing)
-                cached_assign = assign
-            update = assign @ gather(delta, p_idx)  # (B, R, D): each routed token's proxy update
-            h_r = gather(h, r_idx)
+            update = gather(delta_f, plan.source)  # nearest: each routed token's proxy update; weighted: the proxies'
+            if plan.mix is not None:
+                update = plan.mix @ update
+            h_r = gather(h, plan.r_idx)
             update = self.projectors[str(i)](update, layer.post_attention_layernorm(h_r))
-            h = scatter(h, r_idx, r_ok, h_r + update)
+            h = scatter(h, plan.r_idx, plan.r_ok, h_r + update)
         return llm.norm(h)
