@@ -10,6 +10,7 @@ import torch
 
 import segrouter.datasets  # noqa: F401  (registers built-ins)
 from segrouter.datasets.synthetic import (
+    POSITION_MODIFIERS,
     SHAPES,
     SceneObject,
     SyntheticReferringDataset,
@@ -151,3 +152,52 @@ def test_describe_matches_semantics() -> None:
     for bad in ["red circle", "the circle near the square", "the leftmost circle left of the square", "the"]:
         with pytest.raises(ValueError):
             parse_expression(bad)
+
+
+VISION_ONLY = {"distinct": "colours", "target_attributes": False, "forms": ("position", "size", "relation"),
+               "min_objects": 3, "max_objects": 4, "colours": ("red", "green", "blue", "yellow", "purple", "cyan")}
+
+
+@pytest.mark.parametrize("distinct", ["colours", "pairs"])
+def test_vision_dependent_expressions_never_name_the_target(distinct: str) -> None:
+    ds = SyntheticReferringDataset("train", num_samples=N, **{**VISION_ONLY, "distinct": distinct})
+    forms = set()
+    for i in range(N):
+        scene = ds.scene(i)
+        target, expr = scene.objects[scene.target], scene.expression
+        assert expr.target.colour is None and expr.target.shape is None, expr.text  # always "the ... shape"
+        assert describe_matches(scene.objects, expr.text) == [scene.target], expr.text
+        keys = [o.colour if distinct == "colours" else (o.colour, o.shape) for o in scene.objects]
+        assert len(set(keys)) == len(keys), "two objects share what distinct keeps apart"
+        names = [f"{o.colour} {o.shape}" for o in scene.objects]
+        assert names.count(ds[i]["target"]) == 1 and ds[i]["target"] == f"{target.colour} {target.shape}"
+        forms.add("relation" if expr.relation else "position" if expr.target.modifier in POSITION_MODIFIERS else "size")
+    assert forms == {"position", "size", "relation"}
+
+
+def test_one_object_scenes_are_just_the_shape() -> None:
+    ds = SyntheticReferringDataset("train", num_samples=20, min_objects=1, max_objects=1, forms=("attribute",),
+                                   target_attributes=False)
+    assert {ds[i]["text"] for i in range(20)} == {"the shape"}
+    assert len({ds[i]["target"] for i in range(20)}) > 3
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"distinct": "colors"}, "distinct must be one of none, pairs, colours"),
+        ({"distinct": "colours", "colours": ("red", "blue"), "max_objects": 3}, "needs at least max_objects=3 colours"),
+        ({"distinct": "pairs", "colours": ("red",), "shapes": ("circle", "square"), "max_objects": 3},
+         "needs at least max_objects=3 pairs"),
+        ({"target_attributes": False, "forms": ("attribute",)}, "add position, size or relation"),
+    ],
+)
+def test_vision_dependent_settings_are_checked(params: dict, fragment: str) -> None:
+    with pytest.raises(RecipeError, match=re.escape(fragment)):
+        SyntheticReferringDataset.check_params(**{**_defaults(), **params})
+
+
+def _defaults() -> dict:
+    from segrouter.registry import registry
+
+    return {n: p.default for n, p in registry("dataset").get("synthetic").params().items()}

@@ -26,6 +26,11 @@ design choices serve that purpose:
 * **Varied forms.** A modifier or relation is only used when the plain noun phrase is ambiguous (it then
   carries information). The form (attribute, position, size, relation) is drawn uniformly among those
   that can describe the target, then one description of that form, so no single form dominates.
+* **Vision-dependent configurations.** With ``target_attributes=False`` the target is only ever called
+  "the shape" ("the leftmost shape", "the shape left of the red circle"), so its colour and shape are
+  never in the text, and with ``distinct`` no two objects share a colour (or a colour and shape): the
+  target's name is then unique in its scene and can only be read from the image. This is the benchmark on
+  which a token-reduction method can lose accuracy (``recipes/visref.yaml``, docs/results.md).
 
 Generation takes about 0.6 ms per 64x64 sample on one CPU core (measured), far below a training step.
 """
@@ -35,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -66,6 +71,7 @@ SHAPES: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = {
 }
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+DISTINCT: tuple[str, ...] = ("none", "pairs", "colours")  # what no two objects of a scene may share
 FORMS: tuple[str, ...] = ("attribute", "position", "size", "relation")  # kinds of referring expression
 POSITION_MODIFIERS: tuple[str, ...] = ("leftmost", "rightmost", "topmost", "bottommost")
 SIZE_MODIFIERS: tuple[str, ...] = ("larger", "smaller", "largest", "smallest")
@@ -189,6 +195,9 @@ class SyntheticReferringDataset(Dataset):
     ``{"image": (3,H,W) float32 in [0,1], "mask": (H,W) float32 in {0,1}, "text": str, "id": "train-000123",
     "target": "red circle"}`` (``target`` names the referred object, for answer templates with ``{target}``).
     Sizes are diameters as a fraction of ``image_size``; ``noise`` is the std of the pixel noise.
+    ``distinct`` keeps objects of one scene apart: ``pairs``, no two share both colour and shape;
+    ``colours``, no two share a colour. ``target_attributes=False`` never names the target's colour or shape
+    (it is "the shape" with a position, size or relation), so the expression alone cannot identify it.
     """
 
     vocabulary = staticmethod(vocabulary)
@@ -209,6 +218,8 @@ class SyntheticReferringDataset(Dataset):
         min_size: float = 0.15,
         max_size: float = 0.35,
         noise: float = 0.03,
+        distinct: Literal["none", "pairs", "colours"] = "none",
+        target_attributes: bool = True,
     ) -> None:
         if split not in SPLITS:
             raise DataError(f"unknown split '{split}'", fix=f"valid splits: {', '.join(SPLITS)}")
@@ -221,6 +232,7 @@ class SyntheticReferringDataset(Dataset):
         self.shapes, self.colours = tuple(shapes), tuple(colours)
         self.min_size, self.max_size = min_size, max_size
         self.noise = noise
+        self.distinct, self.target_attributes = distinct, target_attributes
         self._length = num_samples if split == "train" else max(1, num_samples // 4)
         centres = np.arange(image_size, dtype=np.float32) + 0.5  # pixel centres
         self._ys, self._xs = np.meshgrid(centres, centres, indexing="ij")
@@ -244,6 +256,15 @@ class SyntheticReferringDataset(Dataset):
         for name, chosen, known in (("shapes", shapes, SHAPES), ("colours", colours, COLOURS), ("forms", forms, FORMS)):
             unknown = [c for c in chosen if c not in known]
             _check(bool(chosen) and not unknown, f"{name} must be a non-empty subset of {', '.join(known)}")
+        distinct, target_attributes = p["distinct"], p["target_attributes"]
+        _check(distinct in DISTINCT, f"distinct must be one of {', '.join(DISTINCT)}, got {distinct!r}")
+        kinds = {"none": None, "pairs": len(colours) * len(shapes), "colours": len(colours)}[distinct]
+        _check(kinds is None or max_objects <= kinds,
+               f"distinct={distinct} needs at least max_objects={max_objects} {distinct}, the settings give {kinds}")
+        if not target_attributes:  # the attribute form can then only say "the shape", of a lone object
+            _check(set(forms) != {"attribute"} or max_objects == 1,
+                   "target_attributes=false leaves the attribute form only 'the shape' for a lone object: add "
+                   "position, size or relation, or set max_objects: 1")
 
     def __len__(self) -> int:
         return self._length
@@ -269,7 +290,9 @@ class SyntheticReferringDataset(Dataset):
             if objects is None:
                 continue
             for target in rng.permutation(len(objects)):
-                described = _descriptions(objects, int(target), "relation" in self.forms, self.image_size)
+                described = _descriptions(
+                    objects, int(target), "relation" in self.forms, self.image_size, self.target_attributes
+                )
                 forms = [f for name, f in zip(FORMS, described) if f and name in self.forms]
                 if forms:
                     choices = forms[rng.integers(len(forms))]
@@ -295,16 +318,28 @@ class SyntheticReferringDataset(Dataset):
                 if all(
                     max(abs(cx - o.cx), abs(cy - o.cy)) >= radius + o.radius + _GAP_PX for o in objects
                 ):  # disjoint boxes, hence disjoint masks
-                    shape = self.shapes[rng.integers(len(self.shapes))]
+                    shape = self._pick(rng, self.shapes, objects, "shape")
                     mask = SHAPES[shape](self._xs - cx, self._ys - cy, radius)
                     area = int(mask.sum())
                     if area >= _MIN_AREA_PX:
-                        colour = self.colours[rng.integers(len(self.colours))]
+                        colour = self._pick(rng, self.colours, objects, "colour", shape)
                         objects.append(SceneObject(shape, colour, float(cx), float(cy), float(radius), mask, area))
                         break
             else:
                 return None
         return tuple(objects)
+
+    def _pick(self, rng: np.random.Generator, choices: tuple[str, ...], objects: Sequence[SceneObject],
+              attribute: str, shape: str | None = None) -> str:
+        """A uniform draw of a shape or colour, among those ``distinct`` leaves free (one draw for ``none``,
+        so that setting reproduces the scenes it always gave)."""
+        if self.distinct == "colours" and attribute == "colour":
+            choices = tuple(c for c in choices if all(o.colour != c for o in objects))
+        elif self.distinct == "pairs" and attribute == "colour":
+            choices = tuple(c for c in choices if all((o.colour, o.shape) != (c, shape) for o in objects))
+        elif self.distinct == "pairs":  # a shape whose every colour is taken would leave no colour to draw
+            choices = tuple(s for s in choices if sum(o.shape == s for o in objects) < len(self.colours))
+        return choices[rng.integers(len(choices))]
 
     def _render(self, objects: Sequence[SceneObject], rng: np.random.Generator) -> np.ndarray:
         """Grey background with a faint tint and gradient, flat jittered colours, light pixel noise."""
@@ -379,16 +414,17 @@ def _plain_phrases(o: SceneObject) -> tuple[NounPhrase, ...]:
 
 
 def _descriptions(
-    objects: Sequence[SceneObject], target: int, relations: bool, image_size: int
+    objects: Sequence[SceneObject], target: int, relations: bool, image_size: int, target_attributes: bool = True
 ) -> tuple[list[Expression], list[Expression], list[Expression], list[Expression]]:
-    """Clear, unique descriptions of ``objects[target]`` by form: attribute, position, size, relation."""
+    """Clear, unique descriptions of ``objects[target]`` by form: attribute, position, size, relation.
+    Without ``target_attributes`` the target's phrase is always "the shape" (never its colour or shape)."""
     o = objects[target]
     margin = _POSITION_MARGIN * image_size
     attribute: list[Expression] = []
     position: list[Expression] = []
     size: list[Expression] = []
     related: list[Expression] = []
-    for phrase in _plain_phrases(o):
+    for phrase in _plain_phrases(o) if target_attributes else (NounPhrase(),):
         members = _attribute_matches(phrase, objects)
         if members == [target]:
             attribute.append(Expression(phrase))
