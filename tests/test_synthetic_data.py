@@ -154,7 +154,7 @@ def test_describe_matches_semantics() -> None:
             parse_expression(bad)
 
 
-VISION_ONLY = {"distinct": "colours", "target_attributes": False, "forms": ("position", "size", "relation"),
+VISION_ONLY = {"distinct": "colours", "target_attributes": "none", "forms": ("position", "size", "relation"),
                "min_objects": 3, "max_objects": 4, "colours": ("red", "green", "blue", "yellow", "purple", "cyan")}
 
 
@@ -175,9 +175,22 @@ def test_vision_dependent_expressions_never_name_the_target(distinct: str) -> No
     assert forms == {"position", "size", "relation"}
 
 
+def test_one_attribute_leaves_the_other_to_the_image() -> None:
+    ds = SyntheticReferringDataset("train", num_samples=N, forms=("attribute",), distinct="colours",
+                                   target_attributes="one", min_objects=3, max_objects=4)
+    kinds = set()
+    for i in range(N):
+        scene = ds.scene(i)
+        phrase, target = scene.expression.target, scene.objects[scene.target]
+        assert (phrase.colour is None) != (phrase.shape is None), scene.expression.text  # exactly one named
+        assert phrase.colour in (None, target.colour) and phrase.shape in (None, target.shape)
+        kinds.add("colour" if phrase.colour else "shape")
+    assert kinds == {"colour", "shape"}
+
+
 def test_one_object_scenes_are_just_the_shape() -> None:
     ds = SyntheticReferringDataset("train", num_samples=20, min_objects=1, max_objects=1, forms=("attribute",),
-                                   target_attributes=False)
+                                   target_attributes="none")
     assert {ds[i]["text"] for i in range(20)} == {"the shape"}
     assert len({ds[i]["target"] for i in range(20)}) > 3
 
@@ -189,7 +202,8 @@ def test_one_object_scenes_are_just_the_shape() -> None:
         ({"distinct": "colours", "colours": ("red", "blue"), "max_objects": 3}, "needs at least max_objects=3 colours"),
         ({"distinct": "pairs", "colours": ("red",), "shapes": ("circle", "square"), "max_objects": 3},
          "needs at least max_objects=3 pairs"),
-        ({"target_attributes": False, "forms": ("attribute",)}, "add position, size or relation"),
+        ({"target_attributes": "none", "forms": ("attribute",)}, "add position, size or relation"),
+        ({"target_attributes": False}, "target_attributes must be one of any, one, none"),
     ],
 )
 def test_vision_dependent_settings_are_checked(params: dict, fragment: str) -> None:

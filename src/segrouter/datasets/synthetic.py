@@ -26,10 +26,11 @@ design choices serve that purpose:
 * **Varied forms.** A modifier or relation is only used when the plain noun phrase is ambiguous (it then
   carries information). The form (attribute, position, size, relation) is drawn uniformly among those
   that can describe the target, then one description of that form, so no single form dominates.
-* **Vision-dependent configurations.** With ``target_attributes=False`` the target is only ever called
+* **Vision-dependent configurations.** With ``target_attributes: none`` the target is only ever called
   "the shape" ("the leftmost shape", "the shape left of the red circle"), so its colour and shape are
   never in the text, and with ``distinct`` no two objects share a colour (or a colour and shape): the
-  target's name is then unique in its scene and can only be read from the image. This is the benchmark on
+  target's name is then unique in its scene and can only be read from the image. ``one`` names at most one
+  of the two ("the red shape", "the circle"): the other must be read off the object the text picks out. This is the benchmark on
   which a token-reduction method can lose accuracy (``recipes/visref.yaml``, docs/results.md).
 
 Generation takes about 0.6 ms per 64x64 sample on one CPU core (measured), far below a training step.
@@ -72,6 +73,7 @@ SHAPES: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = {
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 DISTINCT: tuple[str, ...] = ("none", "pairs", "colours")  # what no two objects of a scene may share
+TARGET_ATTRIBUTES: tuple[str, ...] = ("any", "one", "none")  # how many of colour and shape the target's phrase names
 FORMS: tuple[str, ...] = ("attribute", "position", "size", "relation")  # kinds of referring expression
 POSITION_MODIFIERS: tuple[str, ...] = ("leftmost", "rightmost", "topmost", "bottommost")
 SIZE_MODIFIERS: tuple[str, ...] = ("larger", "smaller", "largest", "smallest")
@@ -196,8 +198,9 @@ class SyntheticReferringDataset(Dataset):
     "target": "red circle"}`` (``target`` names the referred object, for answer templates with ``{target}``).
     Sizes are diameters as a fraction of ``image_size``; ``noise`` is the std of the pixel noise.
     ``distinct`` keeps objects of one scene apart: ``pairs``, no two share both colour and shape;
-    ``colours``, no two share a colour. ``target_attributes=False`` never names the target's colour or shape
-    (it is "the shape" with a position, size or relation), so the expression alone cannot identify it.
+    ``colours``, no two share a colour. ``target_attributes`` says how many of the target's colour and shape
+    its noun phrase may name: ``any``, ``one`` or ``none`` ("the shape" with a position, size or relation, so
+    the expression alone cannot identify it).
     """
 
     vocabulary = staticmethod(vocabulary)
@@ -219,7 +222,7 @@ class SyntheticReferringDataset(Dataset):
         max_size: float = 0.35,
         noise: float = 0.03,
         distinct: Literal["none", "pairs", "colours"] = "none",
-        target_attributes: bool = True,
+        target_attributes: Literal["any", "one", "none"] = "any",
     ) -> None:
         if split not in SPLITS:
             raise DataError(f"unknown split '{split}'", fix=f"valid splits: {', '.join(SPLITS)}")
@@ -261,9 +264,11 @@ class SyntheticReferringDataset(Dataset):
         kinds = {"none": None, "pairs": len(colours) * len(shapes), "colours": len(colours)}[distinct]
         _check(kinds is None or max_objects <= kinds,
                f"distinct={distinct} needs at least max_objects={max_objects} {distinct}, the settings give {kinds}")
-        if not target_attributes:  # the attribute form can then only say "the shape", of a lone object
+        _check(target_attributes in TARGET_ATTRIBUTES,
+               f"target_attributes must be one of {', '.join(TARGET_ATTRIBUTES)}, got {target_attributes!r}")
+        if target_attributes == "none":  # the attribute form can then only say "the shape", of a lone object
             _check(set(forms) != {"attribute"} or max_objects == 1,
-                   "target_attributes=false leaves the attribute form only 'the shape' for a lone object: add "
+                   "target_attributes=none leaves the attribute form only 'the shape' for a lone object: add "
                    "position, size or relation, or set max_objects: 1")
 
     def __len__(self) -> int:
@@ -414,17 +419,18 @@ def _plain_phrases(o: SceneObject) -> tuple[NounPhrase, ...]:
 
 
 def _descriptions(
-    objects: Sequence[SceneObject], target: int, relations: bool, image_size: int, target_attributes: bool = True
+    objects: Sequence[SceneObject], target: int, relations: bool, image_size: int, target_attributes: str = "any"
 ) -> tuple[list[Expression], list[Expression], list[Expression], list[Expression]]:
     """Clear, unique descriptions of ``objects[target]`` by form: attribute, position, size, relation.
-    Without ``target_attributes`` the target's phrase is always "the shape" (never its colour or shape)."""
+    ``target_attributes`` (any, one, none) caps how many of its colour and shape the target's phrase names."""
     o = objects[target]
+    phrases = _plain_phrases(o)[{"any": 0, "one": 1, "none": 3}[target_attributes]:]
     margin = _POSITION_MARGIN * image_size
     attribute: list[Expression] = []
     position: list[Expression] = []
     size: list[Expression] = []
     related: list[Expression] = []
-    for phrase in _plain_phrases(o) if target_attributes else (NounPhrase(),):
+    for phrase in phrases:
         members = _attribute_matches(phrase, objects)
         if members == [target]:
             attribute.append(Expression(phrase))
