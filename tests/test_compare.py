@@ -97,7 +97,7 @@ def test_partial_and_missing_runs_are_shown_not_fatal(runs: dict[str, Path]) -> 
 def test_markdown_and_table_formats(runs: dict[str, Path]) -> None:
     md = compare([runs["full"], runs["fastv"]], fmt="markdown").splitlines()
     assert len(md) == 4 and all(line.startswith("| ") and line.endswith(" |") for line in md)
-    assert md[0].startswith("| run | recipe | compressor | routing | visual tokens | LLM FLOPs | FLOPs ratio")
+    assert md[0].startswith("| run | recipe | compressor | routing | control | visual tokens | LLM FLOPs | FLOPs ratio")
     assert "---:" in md[1] and "| 2G |" in md[2] and "| 0.800 |" in md[3] and "| 0.6000 |" in md[2]
     table = compare([runs["full"], runs["fastv"]]).splitlines()
     assert table[0].startswith("run") and set(table[1]) <= {"-", " "} and "1.6G" in table[3]

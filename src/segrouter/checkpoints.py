@@ -27,3 +27,31 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise SegrouterError(f"{path} holds no state dict", fix="save it with torch.save(model.state_dict(), path)")
     return obj
+
+
+def load_weights(model: torch.nn.Module, ckpt: str | Path, *, allow_missing: bool = False,
+                 where: str | None = None, fix: str = "pass the recipe (and overrides) the checkpoint was trained with",
+                 ) -> list[str]:
+    """Load a Lightning checkpoint or a consolidated DeepSpeed file (``segrouter consolidate``) into ``model``.
+
+    Every key of the checkpoint must fit the model with its shape; with ``allow_missing`` the model may have
+    parameters the checkpoint lacks (a method's new modules, e.g. token routing's projectors, when it starts
+    from a trained ``full`` model): they keep their initialisation, and their names are returned. ``where``
+    and ``fix`` go into the error when the checkpoint does not fit."""
+    if Path(ckpt).is_dir():
+        raise SegrouterError(f"{ckpt} is a sharded DeepSpeed checkpoint", fix=f"run: segrouter consolidate --ckpt {ckpt} --out model.ckpt")
+    state = {k.removeprefix("_forward_module."): v for k, v in load_state_dict(ckpt).items()}
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if wrong or unexpected or (missing and not allow_missing):
+        bad = wrong[0] if wrong else (unexpected or missing)[0]
+        shape = f" ({tuple(state[bad].shape)} in the checkpoint, {tuple(own[bad].shape)} here)" if wrong else ""
+        raise SegrouterError(
+            f"checkpoint {ckpt} does not fit the recipe ({len(wrong)} of another shape, {len(missing)} missing, "
+            f"{len(unexpected)} unexpected keys, e.g. {bad}{shape})",
+            where=where, fix=fix,
+        )
+    model.load_state_dict(state, strict=False)
+    return missing

@@ -11,11 +11,13 @@ import os
 import sys
 import typing
 import warnings
+from pathlib import Path
 from typing import Any
 
 from segrouter import bench, compare, consolidate, predict, sweep
 from segrouter.analysis import attention
 from segrouter.errors import SegrouterError
+from segrouter.recipe import CONTROLS
 
 _QUIET = (
     r".*does not have many workers.*",
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"evaluate a checkpoint on the {'val' if name == 'validate' else 'test'} split")
         _common(p)
         p.add_argument("--ckpt", help="checkpoint (default: the newest run's best)")
+        p.add_argument("--control", choices=CONTROLS,
+                       help="evaluate with the LLM's visual tokens shuffled across the batch or zeroed "
+                            "(sets metrics.control; metrics are logged under the usual names)")
     bench.add_parser(sub)
     predict.add_parser(sub)
     consolidate.add_parser(sub)
@@ -83,7 +88,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     version, ckpt = find_resume(cfg, args.ckpt or "last") if args.resume else (None, None)
     if version is None:
         version = next_version(cfg)
-    model, data = build(cfg)
+    model, data = build(cfg, init_weights=not args.resume)
     trainer = build_trainer(cfg, version=version)
     trainer.fit(model, datamodule=data, ckpt_path=ckpt)
     log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
@@ -97,15 +102,21 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from segrouter.build import build
+    from segrouter.checkpoints import load_weights
     from segrouter.runs import find_eval_checkpoint, next_version
     from segrouter.training.trainer import build_trainer
 
+    if args.control:
+        args.overrides.append(f"metrics.control={args.control}")
     cfg = _prepare(args)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
     model, data = build(cfg)
+    sharded = Path(ckpt).is_dir()  # DeepSpeed's checkpoint folder: only its strategy can read it
+    if not sharded:
+        load_weights(model, ckpt)  # a checkpoint of another recipe fails here, in one line, before any run folder
     trainer = build_trainer(cfg, version=next_version(cfg))
     run = trainer.validate if args.command == "validate" else trainer.test
-    run(model, datamodule=data, ckpt_path=ckpt)
+    run(model, datamodule=data, ckpt_path=ckpt if sharded else None)
 
 
 def cmd_list(args: argparse.Namespace) -> None:

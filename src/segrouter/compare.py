@@ -1,5 +1,8 @@
 """``segrouter compare``: finished runs side by side — accuracy, LLM FLOPs, tokens, latency — and a Pareto plot.
 
+A run trained without visual tokens (``model.blind_llm``) or evaluated with them shuffled or zeroed
+(``metrics.control``) says so in the ``control`` column, next to its ``name_acc`` (what the LLM read).
+
 Each run is read from its folder alone (``recipe.yaml`` and ``metrics.csv``, see :mod:`segrouter.runs`), so
 runs from different machines, sweeps or plugin sets can be compared without rebuilding anything. A folder
 with missing or partial logs still gets a row, with "—" cells and a note saying what is missing: a
@@ -30,7 +33,7 @@ Format = Literal["table", "markdown", "csv"]
 FORMATS: tuple[str, ...] = ("table", "markdown", "csv")
 MISSING = "—"
 _EFFICIENCY = ("visual_tokens", "llm_flops", "latency_ms")
-_QUALITY = ("val/giou", "val/ciou", "test/giou", "test/ciou")
+_QUALITY = ("val/giou", "val/ciou", "val/name_acc", "test/giou", "test/ciou", "test/name_acc")
 
 
 @dataclass
@@ -41,6 +44,7 @@ class RunSummary:
     recipe: str | None = None
     compressor: str | None = None
     routing: str | None = None
+    control: str | None = None  # blind (trained without visual tokens), shuffle or zero (evaluated so)
     values: dict[str, float | None] = field(default_factory=dict)
     best_step: int | None = None
     notes: list[str] = field(default_factory=list)
@@ -78,6 +82,7 @@ def summarize(path: Path, metric: str = "val/ciou") -> RunSummary:
         summary.recipe = recipe.get("name")
         summary.compressor = (model.get("compressor") or {}).get("name")
         summary.routing = (model.get("routing") or {}).get("name")
+        summary.control = "blind" if model.get("blind_llm") else (recipe.get("metrics") or {}).get("control")
     except FileNotFoundError:
         summary.notes.append("missing recipe.yaml")
     except (OSError, yaml.YAMLError, AttributeError) as exc:
@@ -122,15 +127,16 @@ def _si(value: float) -> str:
 
 _COLUMNS: tuple[tuple[str, str], ...] = (  # (header, key); the key picks value and formatting
     ("run", "label"), ("recipe", "recipe"), ("compressor", "compressor"), ("routing", "routing"),
-    ("visual tokens", "visual_tokens"), ("LLM FLOPs", "llm_flops"), ("FLOPs ratio", "ratio"),
-    ("latency ms", "latency_ms"), ("val gIoU", "val/giou"), ("val cIoU", "val/ciou"),
-    ("test gIoU", "test/giou"), ("test cIoU", "test/ciou"), ("best step", "best_step"), ("notes", "notes"),
+    ("control", "control"), ("visual tokens", "visual_tokens"), ("LLM FLOPs", "llm_flops"),
+    ("FLOPs ratio", "ratio"), ("latency ms", "latency_ms"), ("val gIoU", "val/giou"), ("val cIoU", "val/ciou"),
+    ("val name acc", "val/name_acc"), ("test gIoU", "test/giou"), ("test cIoU", "test/ciou"),
+    ("test name acc", "test/name_acc"), ("best step", "best_step"), ("notes", "notes"),
 )
-_TEXT_KEYS = {"label", "recipe", "compressor", "routing", "notes"}
+_TEXT_KEYS = {"label", "recipe", "compressor", "routing", "control", "notes"}
 
 
 def _raw(s: RunSummary, key: str, reference: float | None) -> str | float | int | None:
-    if key in ("label", "recipe", "compressor", "routing"):
+    if key in ("label", "recipe", "compressor", "routing", "control"):
         return getattr(s, key)
     if key == "notes":
         return "; ".join(s.notes) or None

@@ -84,23 +84,6 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
-def load_weights(model: torch.nn.Module, ckpt: str) -> None:
-    """Load a Lightning checkpoint or a consolidated DeepSpeed file (``segrouter consolidate``) into ``model``."""
-    from segrouter.checkpoints import load_state_dict
-
-    if Path(ckpt).is_dir():
-        raise SegrouterError(f"{ckpt} is a sharded DeepSpeed checkpoint", fix=f"run: segrouter consolidate --ckpt {ckpt} --out model.ckpt")
-    state = load_state_dict(ckpt)
-    state = {k.removeprefix("_forward_module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        bad = (missing or unexpected)[0]
-        raise SegrouterError(
-            f"checkpoint {ckpt} does not fit the recipe ({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {bad})",
-            fix="pass the recipe (and overrides) the checkpoint was trained with",
-        )
-
-
 def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: torch.device) -> tuple[np.ndarray, int]:
     """Bool (H, W) mask at the image's own size for one expression, and how many visual tokens the LLM
     read (adaptive compressors such as ``sam_superpixel`` vary it per image)."""
@@ -142,6 +125,7 @@ def _write(img: Image.Image, path: Path) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from segrouter.build import build
+    from segrouter.checkpoints import load_weights
     from segrouter.recipe import load_recipe
     from segrouter.registry import load_builtins, load_plugins
     from segrouter.runs import find_eval_checkpoint

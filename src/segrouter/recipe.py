@@ -59,6 +59,9 @@ class ModelConfig:
     llm: dict[str, Any] = field(default_factory=lambda: {"name": "hf_causal"})
     routing: dict[str, Any] = field(default_factory=lambda: {"name": "full"})
     mask_decoder: dict[str, Any] = field(default_factory=lambda: {"name": "sam"})
+    # the mask decoder's own vision encoder (e.g. a local conv_stem; LISA's SAM ViT); null: it reads vision_encoder's
+    mask_encoder: dict[str, Any] | None = None
+    blind_llm: bool = False  # control: the LLM gets no visual tokens (the mask decoder still sees the image)
     image_size: int = 64
     num_mask_tokens: int = 1
     loss: LossConfig = field(default_factory=LossConfig)
@@ -130,9 +133,15 @@ class LoggerConfig:
     tensorboard: bool = False
 
 
+CONTROLS = ("shuffle", "zero")
+
+
 @dataclass
 class MetricsConfig:
     flops_batches: int = 2  # eval batches per epoch whose LLM FLOPs are counted (0 = off)
+    # evaluation-time control on the LLM's visual tokens: shuffle (another sample's, rolled across the batch)
+    # or zero; null for none. Set by `segrouter validate/test --control`.
+    control: str | None = None
 
 
 @dataclass
@@ -141,6 +150,7 @@ class Recipe:
     seed: int = 0
     output_dir: str = "runs"
     plugins: list[str] = field(default_factory=list)
+    init_from: str | None = None  # a checkpoint whose weights start the run (e.g. a stage-1 or a trained full model)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -150,7 +160,7 @@ class Recipe:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
-COMPONENT_PATHS = (*(f"model.{k}" for k in MODEL_COMPONENTS), "data.dataset")
+COMPONENT_PATHS = (*(f"model.{k}" for k in MODEL_COMPONENTS), "model.mask_encoder", "data.dataset")
 
 
 def _first_line(exc: Exception) -> str:
@@ -327,7 +337,12 @@ def validate_components(cfg: DictConfig) -> None:
     """Check every component node against its registry (names, parameters, types)."""
     for key, kind in MODEL_COMPONENTS.items():
         registry(kind).validate(OmegaConf.to_container(cfg.model[key]), where=f"model.{key}")
+    if cfg.model.mask_encoder is not None:
+        registry("vision_encoder").validate(OmegaConf.to_container(cfg.model.mask_encoder), where="model.mask_encoder")
     registry("dataset").validate(OmegaConf.to_container(cfg.data.dataset), where="data.dataset")
+    if cfg.metrics.control not in (None, *CONTROLS):
+        raise RecipeError(f"unknown control '{cfg.metrics.control}'{did_you_mean(cfg.metrics.control, CONTROLS)}",
+                          where="metrics.control", fix=f"use one of: {', '.join(CONTROLS)} (or null)")
     lora = cfg.model.lora
     if lora.enabled and (lora.r < 1 or not lora.targets):
         raise RecipeError("LoRA needs r >= 1 and at least one target module", where="model.lora", fix="e.g. r: 8, targets: [q_proj, v_proj]")

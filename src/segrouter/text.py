@@ -60,16 +60,24 @@ def encode_example(
     answer: str,
     num_mask_tokens: int,
     target: str | None = None,
-) -> tuple[list[int], list[int]]:
-    """Token ids and LM labels for ``[BOS] <image> prompt answer [EOS]``; labels cover the answer only."""
+) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, LM labels and name labels for ``[BOS] <image> prompt answer [EOS]``. Labels cover the
+    answer only; name labels hold the ids of the tokens that spell ``target`` in the answer (found by
+    character offsets, so any fast tokenizer works) and -100 elsewhere, for the ``name_acc`` probe."""
     mask_str = " ".join(mask_token_names(num_mask_tokens))
     prefix = tok.encode(f"{IMAGE_TOKEN} " + prompt.format(expression=expression), add_special_tokens=False)
-    reply = tok.encode(render_answer(answer, mask_str, target), add_special_tokens=False)
+    reply_text = render_answer(answer, mask_str, target)
+    reply = tok.encode(reply_text, add_special_tokens=False)
+    names = [-100] * len(reply)
+    if target is not None and "{target}" in answer and tok.is_fast:
+        start = len(answer[: answer.index("{target}")].format(mask_tokens=mask_str))
+        spans = tok(reply_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        names = [t if s < start + len(target) and e > start else -100 for t, (s, e) in zip(reply, spans)]
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     ids = bos + prefix + reply + eos
     labels = [-100] * (len(bos) + len(prefix)) + reply + eos
-    return ids, labels
+    return ids, labels, [-100] * (len(bos) + len(prefix)) + names + [-100] * len(eos)
 
 
 def template_words(prompt: str, answer: str) -> list[str]:

@@ -71,26 +71,19 @@ class SegDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def collate(self, samples: list[dict[str, Any]], train: bool = False) -> dict[str, Any]:
-        """A padded batch; only training batches name the target in the answer (see ``render_answer``)."""
+        """A padded batch; only training batches name the target in the answer (see ``render_answer``).
+        Evaluation batches whose samples name a target, under an answer template with ``{target}``, also
+        carry it separately (``probe_*``), for the model's ``name_acc`` probe."""
         d = self.cfg.data
         k = int(self.cfg.model.num_mask_tokens)
-        encoded = [
-            encode_example(self.tokenizer, s["text"], d.prompt, d.answer, k, s.get("target") if train else None)
-            for s in samples
-        ]
-        t = max(len(ids) for ids, _ in encoded)
-        pad = int(self.tokenizer.pad_token_id)
-        input_ids = torch.full((len(samples), t), pad, dtype=torch.long)
-        labels = torch.full((len(samples), t), -100, dtype=torch.long)
-        text_mask = torch.zeros((len(samples), t), dtype=torch.bool)
-        for i, (ids, lab) in enumerate(encoded):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            text_mask[i, : len(ids)] = True
+        targets = [s.get("target") for s in samples]
+        encoded = [encode_example(self.tokenizer, s["text"], d.prompt, d.answer, k, t if train else None)
+                   for s, t in zip(samples, targets)]
+        input_ids, labels, text_mask = self._pad([(ids, lab) for ids, lab, _ in encoded])
         shapes = {tuple(s["image"].shape) for s in samples}
         if len(shapes) != 1:
             raise DataError(f"images in one batch differ in size: {sorted(shapes)}", fix="resize images in the dataset")
-        return {
+        batch = {
             "image": torch.stack([s["image"] for s in samples]),
             "mask": torch.stack([s["mask"] for s in samples]).float(),
             "input_ids": input_ids,
@@ -99,6 +92,25 @@ class SegDataModule(L.LightningDataModule):
             "text": [s["text"] for s in samples],
             "id": [s["id"] for s in samples],
         }
+        if not train and "{target}" in d.answer and all(t is not None for t in targets):
+            named = [encode_example(self.tokenizer, s["text"], d.prompt, d.answer, k, t) for s, t in zip(samples, targets)]
+            batch["probe_ids"], batch["probe_labels"], batch["probe_text_mask"] = self._pad(
+                [(ids, names) for ids, _, names in named]
+            )
+        return batch
+
+    def _pad(self, encoded: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded (ids, labels, text mask) of (ids, labels) pairs."""
+        t = max(len(ids) for ids, _ in encoded)
+        pad = int(self.tokenizer.pad_token_id)
+        input_ids = torch.full((len(encoded), t), pad, dtype=torch.long)
+        labels = torch.full((len(encoded), t), -100, dtype=torch.long)
+        text_mask = torch.zeros((len(encoded), t), dtype=torch.bool)
+        for i, (ids, lab) in enumerate(encoded):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            text_mask[i, : len(ids)] = True
+        return input_ids, labels, text_mask
 
     def _loader(self, split: str, sampler: Sampler[int] | None = None) -> DataLoader:
         d = self.cfg.data

@@ -2,7 +2,13 @@
 
 images → vision encoder → compressor → visual tokens spliced into the text at ``<image>`` → LLM layers
 driven by the routing strategy → the mask tokens' final states, projected → mask decoder (which also reads
-the full vision features) → mask logits. Loss: LISA's ``ce·CE + bce·BCE + dice·Dice``.
+the full vision features, or those of its own ``mask_encoder``) → mask logits. Loss: LISA's
+``ce·CE + bce·BCE + dice·Dice``.
+
+Besides cIoU/gIoU, evaluation logs ``name_acc`` where the data names each target: whether the LM head,
+teacher-forced after the mask tokens, names the target (e.g. "red circle") — what the LLM read from the
+image, apart from the mask decoder. Controls for that question: ``model.blind_llm`` trains without visual
+tokens, and ``metrics.control`` shuffles or zeroes them at evaluation (:func:`visual_control`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 
+from segrouter.compressors.base import VisualTokens
 from segrouter.errors import SegrouterError
 from segrouter.flops import count_flops
 from segrouter.metrics import CIoU, GIoU
@@ -29,6 +36,21 @@ from segrouter.routing.base import RoutingStrategy, TokenSequence, gather
 from segrouter.text import IMAGE_TOKEN, mask_token_names
 
 SPLITS = ("val", "test")
+
+
+def visual_control(visual: VisualTokens, control: str) -> VisualTokens:
+    """The visual tokens as a control changes them: ``blind`` (none at all), ``zero`` (same count and places,
+    zero embeddings) or ``shuffle`` (each sample gets the next sample's tokens, so none keeps its own)."""
+    if control == "blind":
+        return VisualTokens(visual.embeds[:, :0], visual.mask[:, :0], visual.coords[:, :0])
+    if control == "zero":
+        return VisualTokens(torch.zeros_like(visual.embeds), visual.mask, visual.coords)
+    if control == "shuffle":
+        if visual.embeds.shape[0] < 2:
+            raise SegrouterError("the shuffle control needs batches of at least 2 samples, got one",
+                                 fix="choose data.eval_batch_size so that no evaluation batch holds a single sample")
+        return VisualTokens(*(t.roll(1, dims=0) for t in (visual.embeds, visual.mask, visual.coords)))
+    raise SegrouterError(f"unknown control '{control}'", fix="use blind, zero or shuffle")
 
 
 def apply_lora(llm: nn.Module, lora: DictConfig) -> None:
@@ -77,8 +99,16 @@ class SegmentationMLLM(L.LightningModule):
         )
         self.routing: RoutingStrategy = registry("routing").build(component(cfg, "model.routing"), where="model.routing")
         self.routing.setup(self.llm)
+        self.mask_encoder = None
+        decoder_vision = self.vision
+        if m.mask_encoder is not None:
+            self.mask_encoder = registry("vision_encoder").build(
+                component(cfg, "model.mask_encoder"), self.image_size, where="model.mask_encoder"
+            )
+            decoder_vision = self.mask_encoder
         self.mask_decoder = registry("mask_decoder").build(
-            component(cfg, "model.mask_decoder"), self.vision.out_dim, self.vision.grid_size, where="model.mask_decoder"
+            component(cfg, "model.mask_decoder"), decoder_vision.out_dim, decoder_vision.grid_size,
+            where="model.mask_decoder",
         )
         d = self.llm.hidden_size
         self.text_proj = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, self.mask_decoder.prompt_dim))
@@ -93,7 +123,8 @@ class SegmentationMLLM(L.LightningModule):
             {s: MetricCollection({"giou": GIoU(), "ciou": CIoU()}, prefix=f"{s}/") for s in SPLITS}
         )
         self.eval_means = nn.ModuleDict(
-            {s: nn.ModuleDict({k: MeanMetric() for k in ("visual_tokens", "llm_flops", "latency_ms")}) for s in SPLITS}
+            {s: nn.ModuleDict({k: MeanMetric() for k in ("visual_tokens", "llm_flops", "latency_ms", "name_acc")})
+             for s in SPLITS}
         )
         # adaptive compressors vary the count per image: its spread over the split, next to the mean
         self.eval_token_range = nn.ModuleDict(
@@ -102,8 +133,10 @@ class SegmentationMLLM(L.LightningModule):
         self._step_start = 0.0
 
     # ----------------------------------------------------------------------------------------- forward
-    def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any, TokenSequence, torch.Tensor, torch.Tensor]:
-        """Everything before the LLM layers: (vision features, visual tokens, sequence, labels, mask positions)."""
+    def encode(self, batch: dict[str, Any], control: str | None = None
+               ) -> tuple[torch.Tensor, VisualTokens, TokenSequence, torch.Tensor, torch.Tensor]:
+        """Everything before the LLM layers: (vision features, visual tokens, sequence, labels, mask positions).
+        ``control`` (see :func:`visual_control`) changes the visual tokens; ``model.blind_llm`` drops them."""
         images = batch["image"]
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise SegrouterError(
@@ -112,6 +145,10 @@ class SegmentationMLLM(L.LightningModule):
             )
         feats = self.vision(images)
         visual = self.compressor(feats, images)
+        if self.cfg.model.blind_llm:
+            visual = visual_control(visual, "blind")
+        if control is not None:
+            visual = visual_control(visual, control)
         seq, labels, mask_pos = build_sequence(
             self.llm.embed(batch["input_ids"]),
             batch["input_ids"],
@@ -123,24 +160,40 @@ class SegmentationMLLM(L.LightningModule):
         )
         return feats, visual, seq, labels, mask_pos
 
-    def forward(self, batch: dict[str, Any], flops: bool = False) -> dict[str, Any]:
+    def forward(self, batch: dict[str, Any], flops: bool = False, control: str | None = None) -> dict[str, Any]:
         images = batch["image"]
-        feats, visual, seq, labels, mask_pos = self.encode(batch)
+        feats, visual, seq, labels, mask_pos = self.encode(batch, control)
         llm_flops = None
         if flops:
             hidden, llm_flops = count_flops(lambda: self.routing(self.llm, seq))
         else:
             hidden = self.routing(self.llm, seq)
         prompts = self.text_proj(gather(hidden, mask_pos))
-        low = self.mask_decoder(feats, prompts)
+        low = self.mask_decoder(feats if self.mask_encoder is None else self.mask_encoder(images), prompts)
         masks = F.interpolate(low[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return {
             "masks": masks,
             "hidden": hidden,
             "labels": labels,
             "visual_tokens": visual.counts,
+            "visual": visual,
             "llm_flops": llm_flops,
         }
+
+    def name_tokens(self, batch: dict[str, Any], visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For every token of the targets' names, teacher-forced on the answer that names them (the ``probe_*``
+        tensors of an evaluation batch): (LM-head prediction, true token, sample index), each (N,).
+
+        The name follows the mask tokens, so it cannot change anything at or before them: the masks come from
+        the batch without it; this is a second LLM pass over the same visual tokens."""
+        seq, names, _ = build_sequence(
+            self.llm.embed(batch["probe_ids"]), batch["probe_ids"], batch["probe_text_mask"], batch["probe_labels"],
+            visual, self.image_token_id, self.mask_token_ids,
+        )
+        hidden = self.routing(self.llm, seq)
+        nxt = names[:, 1:]
+        sel = nxt != -100
+        return self.llm.lm_head(hidden[:, :-1][sel]).argmax(dim=-1), nxt[sel], sel.nonzero()[:, 0]
 
     def losses(self, out: dict[str, Any], target: torch.Tensor) -> dict[str, torch.Tensor]:
         hidden, labels = out["hidden"], out["labels"]
@@ -184,7 +237,7 @@ class SegmentationMLLM(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = self(batch, flops=count)
+        out = self(batch, flops=count, control=self.cfg.metrics.control)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
@@ -194,6 +247,12 @@ class SegmentationMLLM(L.LightningModule):
         means["visual_tokens"].update(out["visual_tokens"].float())
         for metric in self.eval_token_range[split].values():
             metric.update(out["visual_tokens"].float())
+        if "probe_ids" in batch:  # name_acc: a sample counts when every token of its target's name is right
+            pred, true, sample = self.name_tokens(batch, out["visual"])
+            wrong = torch.zeros(bs, device=pred.device).index_add_(0, sample, (pred != true).float())
+            named = torch.zeros(bs, dtype=torch.bool, device=pred.device).index_fill_(0, sample, True)
+            if bool(named.any()):
+                means["name_acc"].update((wrong[named] == 0).float())
         if count:
             means["llm_flops"].update(torch.tensor(out["llm_flops"] / bs, dtype=torch.float64), weight=bs)
         else:  # latency from uncounted batches only: the FLOP counter slows the ops it watches

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Literal
+
 import timm
 import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from segrouter.errors import SegrouterError
 from segrouter.registry import register
 from segrouter.vision_encoders.base import VisionEncoder
 
+_IN_CHECKPOINT = "vision.vit."  # where a segrouter checkpoint keeps this encoder's timm weights
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
@@ -20,7 +24,10 @@ _STD = (0.229, 0.224, 0.225)
 class TimmViT(VisionEncoder):
     """ViT patch features as a map. ``model_name`` picks a timm architecture (e.g. ``vit_base_patch16_224``);
     without it a small ViT is built from ``patch_size/embed_dim/depth/num_heads``. ``weights`` loads a local
-    safetensors / torch state dict (nothing is downloaded); ``freeze`` keeps it fixed, as LISA does with CLIP.
+    safetensors / torch state dict (nothing is downloaded), or the vision encoder of a segrouter checkpoint
+    (a vision-pretraining run); ``freeze`` keeps it fixed, as LISA does with CLIP.
+    ``pos_embed: sincos`` replaces the learned position embedding of a small ViT by a fixed 2D sin-cos table
+    (as in MAE): a model trained from scratch then knows each patch's row and column from the first step.
     """
 
     def __init__(
@@ -35,6 +42,7 @@ class TimmViT(VisionEncoder):
         num_heads: int = 4,
         weights: str | None = None,
         freeze: bool = False,
+        pos_embed: Literal["learned", "sincos"] = "learned",
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -57,6 +65,13 @@ class TimmViT(VisionEncoder):
                 class_token=False,
                 dynamic_img_size=False,
             )
+        if pos_embed == "sincos":
+            if model_name:
+                raise SegrouterError("pos_embed: sincos is for the small ViT built from patch_size/embed_dim/...",
+                                     fix="drop model_name, or keep pos_embed: learned")
+            grid = list(self.vit.patch_embed.grid_size)
+            table = build_sincos2d_pos_embed(grid, self.vit.embed_dim).unsqueeze(0)
+            self.vit.pos_embed = torch.nn.Parameter(table, requires_grad=False)
         if weights:
             self._load(Path(weights))
         self.out_dim = int(self.vit.embed_dim)
@@ -71,6 +86,8 @@ class TimmViT(VisionEncoder):
         from segrouter.checkpoints import load_state_dict
 
         state = load_state_dict(path)
+        ours = {k.removeprefix(_IN_CHECKPOINT): v for k, v in state.items() if k.startswith(_IN_CHECKPOINT)}
+        state = ours or state  # a segrouter checkpoint: its vision encoder's weights
         missing, unexpected = self.vit.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("head")]
         if missing:
