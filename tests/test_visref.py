@@ -231,6 +231,14 @@ def test_init_from_starts_a_run_from_another_runs_weights(tmp_path: Path, capsys
     assert torch.equal(routed.llm.lm_head.weight, stage1["llm.lm_head.weight"])  # new modules keep their init
     assert "tensors not in it keep their initialisation (routing.projectors" in capsys.readouterr().err
 
+    # a stage whose decoder differs takes only the named parts: here the vision encoder and the LLM
+    partial, _ = build(tiny_cfg(tmp_path, *VISREF, f"init_from={ckpt}", "init_modules=[vision,llm]"), init_weights=True)
+    assert torch.equal(partial.llm.lm_head.weight, stage1["llm.lm_head.weight"])
+    assert torch.equal(partial.vision.vit.pos_embed, stage1["vision.vit.pos_embed"])
+    assert not torch.equal(partial.text_proj[0].weight, stage1["text_proj.0.weight"])
+    with pytest.raises(RecipeError, match="init_modules names no part of the model: vison"):
+        build(tiny_cfg(tmp_path, f"init_from={ckpt}", "init_modules=[vison]"), init_weights=True)
+
     for bad, fragment in [(tmp_path / "missing.ckpt", "init_from: checkpoint not found"),
                           (ckpt, "init_from: checkpoint")]:
         os.environ.pop("SEGROUTER_RUN_VERSION", None)

@@ -34,8 +34,13 @@ def build(cfg: DictConfig, *, init_weights: bool = False) -> tuple[SegmentationM
     data = SegDataModule(cfg, tokenizer)
     data.dataset("val")  # dataset parameter checks fail here, before the model is built or a run folder exists
     model = SegmentationMLLM(cfg, tokenizer)
+    parts = [name for name, _ in model.named_children()]
+    unknown = [m for m in cfg.init_modules if m not in parts]
+    if unknown:
+        raise RecipeError(f"init_modules names no part of the model: {', '.join(unknown)}", where="init_modules",
+                          fix=f"the model's parts are: {', '.join(parts)}")
     if init_weights and cfg.init_from:
-        fresh = load_weights(model, cfg.init_from, allow_missing=True, where="init_from",
+        fresh = load_weights(model, cfg.init_from, allow_missing=True, only=list(cfg.init_modules), where="init_from",
                              fix="start from a checkpoint of this architecture (the same model settings)")
         if fresh:
             print(f"segrouter: init_from {cfg.init_from}: {len(fresh)} tensors not in it keep their initialisation "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,18 +31,28 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: torch.nn.Module, ckpt: str | Path, *, allow_missing: bool = False,
-                 where: str | None = None, fix: str = "pass the recipe (and overrides) the checkpoint was trained with",
-                 ) -> list[str]:
+                 only: Sequence[str] = (), where: str | None = None,
+                 fix: str = "pass the recipe (and overrides) the checkpoint was trained with") -> list[str]:
     """Load a Lightning checkpoint or a consolidated DeepSpeed file (``segrouter consolidate``) into ``model``.
 
     Every key of the checkpoint must fit the model with its shape; with ``allow_missing`` the model may have
     parameters the checkpoint lacks (a method's new modules, e.g. token routing's projectors, when it starts
     from a trained ``full`` model): they keep their initialisation, and their names are returned. ``where``
-    and ``fix`` go into the error when the checkpoint does not fit."""
+    and ``fix`` go into the error when the checkpoint does not fit. ``only`` names the model's top-level
+    modules to load (e.g. ``vision``, ``llm``): the rest of the checkpoint and of the model is left alone."""
     if Path(ckpt).is_dir():
         raise SegrouterError(f"{ckpt} is a sharded DeepSpeed checkpoint", fix=f"run: segrouter consolidate --ckpt {ckpt} --out model.ckpt")
     state = {k.removeprefix("_forward_module."): v for k, v in load_state_dict(ckpt).items()}
     own = model.state_dict()
+    if only:
+        def keep(key: str) -> bool:
+            return key.split(".", 1)[0] in only
+
+        empty = [m for m in only if not any(k.split(".", 1)[0] == m for k in state)]
+        if empty:
+            raise SegrouterError(f"checkpoint {ckpt} has no weights for {', '.join(empty)}", where=where, fix=fix)
+        state = {k: v for k, v in state.items() if keep(k)}
+        own = {k: v for k, v in own.items() if keep(k)}
     wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -151,6 +151,7 @@ class Recipe:
     output_dir: str = "runs"
     plugins: list[str] = field(default_factory=list)
     init_from: str | None = None  # a checkpoint whose weights start the run (e.g. a stage-1 or a trained full model)
+    init_modules: list[str] = field(default_factory=list)  # load only these parts of the model from it (empty: all)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
