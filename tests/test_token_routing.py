@@ -193,3 +193,76 @@ def test_composes_with_superpixel_tokens(tmp_path: Path) -> None:
     ffn = model.routing.stats.as_lists()["ffn_tokens"]
     assert ffn[-1] < model.routing.stats.as_lists()["attn_tokens"][-1]
     model.losses(out, batch["mask"])["loss"].backward()
+
+
+def _analytic_flops(llm: torch.nn.Module, n_text: int, n_image: int, n_late: int, insert: int, route_start: int,
+                    proxies: int, projector_hidden: int) -> int:
+    """FLOPs of token routing on one sample, from the method's definition: per layer the q/k/v/o projections
+    and SDPA over the tokens present, the FFN over the tokens that run it, and the projector per routed token.
+    (The FLOP counter counts matmuls and SDPA; norms, gathers and scatters are free.)"""
+    d, cfg = llm.hidden_size, llm.model.config
+    kv, dff = d * cfg.num_key_value_heads // cfg.num_attention_heads, cfg.intermediate_size
+    total = 0
+    for i in range(llm.num_layers):
+        tokens = n_text + n_image + (n_late if i >= insert else 0)
+        ffn_tokens = tokens - (n_image - proxies if i >= route_start else 0)
+        total += 2 * tokens * d * (2 * d + 2 * kv) + 4 * tokens * tokens * d + 2 * ffn_tokens * 3 * d * dff
+        if i >= route_start:
+            total += (n_image - proxies) * 2 * (d * projector_hidden + projector_hidden * d)
+    return total
+
+
+@pytest.mark.parametrize(("insert", "route_start", "ratio"), [(2, 1, 0.0625), (0, 0, 0.25), (3, 2, 1.0)])
+def test_counted_flops_match_the_analytic_count(insert: int, route_start: int, ratio: float) -> None:
+    llm = _llm(layers=4, d=64)
+    seq = _seq(llm, batch=1)  # 4 + 64 image + 32 text, then [SEG] and 1 text (the late tokens)
+    s = _strategy(llm, insert_layer=insert, route_start=route_start, proxy_ratio=ratio, projector_ratio=0.25)
+    with torch.no_grad():
+        _, counted = count_flops(lambda: s(llm, seq))
+    proxies = max(1, round(64 * ratio))
+    assert counted == _analytic_flops(llm, 36, 64, 2, insert, route_start, proxies, 16)
+
+
+@pytest.mark.parametrize("count", [1, 3, 10, 17, 36, 64])
+def test_exactly_the_requested_proxies_spread_over_the_image(count: int) -> None:
+    llm = _llm()
+    seq = _seq(llm, batch=1)
+    s = _strategy(llm, num_proxies=count)
+    is_image = seq.kinds == int(Kind.IMAGE)
+    prior = s._grid_prior(seq, is_image, torch.tensor([count]))
+    assert int(prior.sum()) == count and bool((prior <= is_image).all())
+    if count >= 9:  # every third of the image, in both directions, holds a proxy
+        yx = seq.coords[prior]
+        for axis in (0, 1):
+            assert {int(v * 3) for v in yx[:, axis].tolist()} == {0, 1, 2}
+
+
+def test_superpixel_coordinates_still_give_every_requested_proxy() -> None:
+    llm = _llm()
+    seq = _seq(llm, batch=2)
+    g = torch.Generator().manual_seed(0)
+    image = seq.kinds == int(Kind.IMAGE)
+    clustered = torch.rand(2, int(image[0].sum()), 2, generator=g) * 0.3  # irregular centres, crowded in a corner
+    seq.coords[image] = clustered.reshape(-1, 2)
+    s = _strategy(llm, num_proxies=12)
+    prior = s._grid_prior(seq, image, torch.tensor([12, 12]))
+    assert prior.sum(dim=1).tolist() == [12, 12]
+
+
+def test_gradient_checkpointing_recomputes_routed_layers() -> None:
+    calls = {"mlp": 0}
+    llm = _llm(layers=4)
+    for layer in llm.layers:
+        # a pre-hook: checkpoint's recomputation stops once it has what backward needs, before the FFN returns
+        layer.mlp.register_forward_pre_hook(lambda *_: calls.__setitem__("mlp", calls["mlp"] + 1))
+    seq = _seq(llm, batch=2)
+    s = _strategy(llm, insert_layer=1, route_start=1, proxy_ratio=0.25)
+    counted = {}
+    for on in (False, True):
+        llm.gradient_checkpointing = on
+        calls["mlp"] = 0
+        embeds = seq.embeds.clone().requires_grad_(True)
+        s(llm, type(seq)(embeds, seq.kinds, seq.positions, seq.coords)).sum().backward()
+        counted[on] = calls["mlp"]
+        assert embeds.grad is not None and bool(embeds.grad.abs().sum() > 0)
+    assert counted == {False: 4, True: 8}  # every layer's FFN, routed ones included, runs again in backward

@@ -17,7 +17,7 @@ from segrouter.model.module import visual_control
 from segrouter.model.sequence import build_sequence
 from segrouter.routing.base import Kind
 from segrouter.vision_encoders.conv_stem import ConvStem
-from tests.conftest import RECIPES, build_model, tiny_cfg
+from conftest import RECIPES, build_model, tiny_cfg
 
 TINY = str(RECIPES / "tiny.yaml")
 VISREF = [

@@ -93,7 +93,8 @@ class SegDataModule(L.LightningDataModule):
             "id": [s["id"] for s in samples],
         }
         if not train and "{target}" in d.answer and all(t is not None for t in targets):
-            named = [encode_example(self.tokenizer, s["text"], d.prompt, d.answer, k, t) for s, t in zip(samples, targets)]
+            named = [encode_example(self.tokenizer, s["text"], d.prompt, d.answer, k, t)
+                     for s, t in zip(samples, targets)]
             batch["probe_ids"], batch["probe_labels"], batch["probe_text_mask"] = self._pad(
                 [(ids, names) for ids, _, names in named]
             )

@@ -29,9 +29,10 @@ design choices serve that purpose:
 * **Vision-dependent configurations.** With ``target_attributes: none`` the target is only ever called
   "the shape" ("the leftmost shape", "the shape left of the red circle"), so its colour and shape are
   never in the text, and with ``distinct`` no two objects share a colour (or a colour and shape): the
-  target's name is then unique in its scene and can only be read from the image. ``one`` names at most one
-  of the two ("the red shape", "the circle"): the other must be read off the object the text picks out. This is the benchmark on
-  which a token-reduction method can lose accuracy (``recipes/visref.yaml``, docs/results.md).
+  target's name is then unique in its scene and can only be read from the image. ``one`` names at most
+  one of the two ("the red shape", "the circle"): the other must be read off the object the text picks
+  out. This is the benchmark on which a token-reduction method can lose accuracy (``recipes/visref.yaml``,
+  docs/results.md).
 
 Generation takes about 0.6 ms per 64x64 sample on one CPU core (measured), far below a training step.
 """

@@ -180,7 +180,8 @@ class SegmentationMLLM(L.LightningModule):
             "llm_flops": llm_flops,
         }
 
-    def name_tokens(self, batch: dict[str, Any], visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def name_tokens(self, batch: dict[str, Any], visual: VisualTokens
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For every token of the targets' names, teacher-forced on the answer that names them (the ``probe_*``
         tensors of an evaluation batch): (LM-head prediction, true token, sample index), each (N,).
 

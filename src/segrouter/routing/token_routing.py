@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from segrouter.compressors.base import grid_coords
 from segrouter.errors import RecipeError
 from segrouter.llms.base import CausalLLM
 from segrouter.registry import register
@@ -84,9 +85,21 @@ class ProxyProjector(nn.Module):
         nn.init.zeros_(self.down.weight)
         nn.init.zeros_(self.down.bias)
 
-    def forward(self, update: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([update, token], dim=-1) if self.with_token else update
+    def forward(self, update: torch.Tensor, token: torch.Tensor | None) -> torch.Tensor:
+        x = update if token is None else torch.cat([update, token], dim=-1)
         return update + self.down(self.act(self.up(x)))
+
+
+def spread_points(count: int, device: torch.device | None = None) -> torch.Tensor:
+    """(count, 2) (y, x) points in [0, 1] spread evenly over the image for any count: round(sqrt(count)) rows
+    whose lengths differ by at most one, each spread evenly across (a square count is the regular grid)."""
+    rows = max(1, round(math.sqrt(count)))
+    base, extra = divmod(count, rows)
+    points = []
+    for r in range(rows):
+        n = base + (1 if r * extra // rows != (r + 1) * extra // rows else 0)  # the extra points spread over rows
+        points += [((r + 0.5) / rows, (c + 0.5) / n) for c in range(n)]
+    return torch.tensor(points, dtype=torch.float32, device=device)
 
 
 def _layer_index(value: int | float, num_layers: int, name: str) -> int:
@@ -170,7 +183,9 @@ class TokenRouting(RoutingStrategy):
         return torch.full_like(n_image, self.num_proxies).minimum(n_image)
 
     def _grid_prior(self, seq: TokenSequence, is_image: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool: per sample, the image tokens nearest a uniform grid of ``counts[b]`` points.
+        """(B, L) bool: per sample, exactly ``counts[b]`` distinct image tokens spread over the image — for each
+        point of :func:`spread_points`, in order, the nearest image token not taken yet (a patch grid and a
+        square count give the regular grid; superpixel centres or a non-square count still give that many).
 
         Samples with the same proxy count (all of them, for a fixed patch grid) are handled in one batch.
         """
@@ -179,12 +194,14 @@ class TokenRouting(RoutingStrategy):
             rows = (counts == p).nonzero()[:, 0]
             if p == 0:
                 continue
-            gy = max(1, round(math.sqrt(p)))
-            pts = grid_coords(gy, math.ceil(p / gy), device=seq.coords.device)[:p]
+            pts = spread_points(p, device=seq.coords.device)
             d = torch.cdist(pts.expand(len(rows), -1, -1), seq.coords[rows])  # (n, p, L)
             d = d.masked_fill(~is_image[rows, None, :], float("inf"))
-            nearest = d.argmin(dim=-1)  # (n, p)
-            prior[rows[:, None], nearest] = True
+            taken = torch.zeros_like(is_image[rows])
+            for j in range(p):
+                nearest = d[:, j].masked_fill(taken, float("inf")).argmin(dim=-1)
+                taken[torch.arange(len(rows), device=taken.device), nearest] = True
+            prior[rows] = taken
         return prior
 
     def _plan(self, seq: TokenSequence, active: torch.Tensor, is_image: torch.Tensor, proxies: torch.Tensor,
@@ -235,6 +252,34 @@ class TokenRouting(RoutingStrategy):
         return chosen & is_image, weight
 
     # ------------------------------------------------------------------------------------ forward
+    def _routed_layer(self, i: int, layer: nn.Module, phase: tuple, plan: _Plan | None, seq: TokenSequence,
+                      is_image: torch.Tensor, rankers: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor,
+                      spacing: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, _Plan]:
+        """One routed layer: every active token through attention, the proxies (and text) through the FFN,
+        the other image tokens updated from their proxies' FFN updates. ``plan`` is the phase's packing when
+        the proxies are fixed (grid rule); otherwise it is made here, from this layer's states."""
+        active, idx, ok, p_a, bias, pe = phase
+        layer_input = h
+        h = scatter(h, idx, ok, attention_residual(layer, gather(h, idx), bias, pe))
+        if plan is None:
+            proxies, weight = self._choose(i, layer, h, layer_input, active, is_image, rankers, counts, prior,
+                                           (idx, ok, p_a, pe))
+            plan = self._plan(seq, active, is_image, proxies, weight, spacing)
+        h_f = gather(h, plan.f_idx)
+        delta_f = ffn_update(layer, h_f)
+        if plan.weight is not None:
+            delta_f = delta_f * gather(plan.weight, plan.f_idx).unsqueeze(-1)
+        h = scatter(h, plan.f_idx, plan.f_ok, h_f + delta_f)
+        if plan.r_idx is None:
+            return h, plan
+        update = gather(delta_f, plan.source)  # nearest: each routed token's proxy update; weighted: the proxies'
+        if plan.mix is not None:
+            update = plan.mix @ update
+        h_r = gather(h, plan.r_idx)
+        projector = self.projectors[str(i)]
+        token = layer.post_attention_layernorm(h_r) if projector.with_token else None  # computed only when used
+        return scatter(h, plan.r_idx, plan.r_ok, h_r + projector(update, token)), plan
+
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
         h, pos, valid = seq.embeds, seq.positions, seq.valid
         is_image = seq.is_kind(Kind.IMAGE)
@@ -263,27 +308,14 @@ class TokenRouting(RoutingStrategy):
                 self.stats.record(active, active)
                 h = scatter(h, idx, ok, run_layer(llm, layer, gather(h, idx), bias, pe, p_a))
                 continue
-            layer_input = h
-            h = scatter(h, idx, ok, attention_residual(layer, gather(h, idx), bias, pe))
-            plan = fixed.get(early)
-            if plan is None:
-                proxies, weight = self._choose(i, layer, h, layer_input, active, is_image, rankers, counts, prior,
-                                               (idx, ok, p_a, pe))
-                plan = self._plan(seq, active, is_image, proxies, weight, spacing)
-                if self.proxy_rule == "grid":
-                    fixed[early] = plan
+            phase = (active, idx, ok, p_a, bias, pe)
+            body = partial(self._routed_layer, i, layer, phase, fixed.get(early),
+                           seq, is_image, rankers, counts, prior, spacing)
+            if getattr(llm, "gradient_checkpointing", False) and torch.is_grad_enabled():
+                h, plan = checkpoint(body, h, use_reentrant=False)  # recomputed in backward, as run_layer does
+            else:
+                h, plan = body(h)
+            if self.proxy_rule == "grid":
+                fixed[early] = plan
             self.stats.record(active, plan.ffn_active)
-            h_f = gather(h, plan.f_idx)
-            delta_f = ffn_update(layer, h_f)
-            if plan.weight is not None:
-                delta_f = delta_f * gather(plan.weight, plan.f_idx).unsqueeze(-1)
-            h = scatter(h, plan.f_idx, plan.f_ok, h_f + delta_f)
-            if plan.r_idx is None:
-                continue
-            update = gather(delta_f, plan.source)  # nearest: each routed token's proxy update; weighted: the proxies'
-            if plan.mix is not None:
-                update = plan.mix @ update
-            h_r = gather(h, plan.r_idx)
-            update = self.projectors[str(i)](update, layer.post_attention_layernorm(h_r))
-            h = scatter(h, plan.r_idx, plan.r_ok, h_r + update)
         return llm.norm(h)

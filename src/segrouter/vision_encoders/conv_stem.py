@@ -55,8 +55,8 @@ class ConvStem(VisionEncoder):
         layers: list[nn.Module] = []
         in_ch = 3
         for i in range(depth):
-            layers += [nn.Conv2d(in_ch, channels, 3, stride=2 if i < downs else 1, padding=1, padding_mode=padding_mode),
-                       _PixelNorm(channels), nn.GELU()]
+            conv = nn.Conv2d(in_ch, channels, 3, stride=2 if i < downs else 1, padding=1, padding_mode=padding_mode)
+            layers += [conv, _PixelNorm(channels), nn.GELU()]
             in_ch = channels
         self.net = nn.Sequential(*layers)
         self.out_dim = channels
