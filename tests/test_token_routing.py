@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from segrouter.bench import lisa_sequence, run_bench
+from segrouter.bench import disturbance, format_table, lisa_sequence, round_spread, run_bench
 from segrouter.errors import RecipeError, SegrouterError
 from segrouter.flops import count_flops
 from segrouter.registry import load_builtins, registry
@@ -135,6 +135,20 @@ def test_bench_random_init_toy_shape(tmp_path: Path) -> None:
     assert 0 < r["flops_ratio"] < 1 and len(r["A"]["times_s"]) == 2
     assert r["A"]["ffn_tokens"][-1] < r["B"]["ffn_tokens"][-1]
     assert json.loads((tmp_path / "b.json").read_text())["flops_ratio"] == r["flops_ratio"]
+    sp = r["speedup_per_round"]
+    assert sp["min"] <= sp["q1"] <= sp["median"] <= sp["q3"] <= sp["max"]
+    assert set(r["load_average"]) == {"before", "after", "cpus"} and isinstance(r["warnings"], list)
+    assert "per-round speedup: median" in format_table(r)
+
+
+def test_bench_warns_when_rounds_disagree_or_the_machine_is_loaded() -> None:
+    cpu = torch.device("cpu")
+    steady = round_spread([1.50, 1.52, 1.49, 1.51])
+    assert disturbance(steady, (2.0, 2.1), threads=2, device=cpu, cpus=2) == []  # the bench's own 2 threads
+    noisy = round_spread([1.0, 1.6, 1.2, 1.9])
+    assert "spread by" in disturbance(noisy, (0.1, 0.1), threads=2, device=cpu, cpus=2)[0]
+    loaded = disturbance(steady, (3.9, 4.2), threads=2, device=cpu, cpus=2)
+    assert len(loaded) == 1 and "load average 3.9 before and 4.2 after" in loaded[0]
 
 
 def test_bench_from_recipes(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 For each recipe it reports the FLOPs counted by ``torch.utils.flop_counter`` (what really ran), the median
 wall time of repeated forwards after warm-up (the two recipes interleaved, so drift hits both alike), the
 tokens each layer's attention and FFN computed, and the achieved speedup as a fraction of the FLOP-ideal
-one. ``--random-init SHAPE`` benchmarks a named real LLM shape with random weights and a LISA-like sequence
+one, with the spread of the per-round speedups and the machine's load average before and after; a warning
+line says when either makes the ratio unreliable. ``--random-init SHAPE`` benchmarks a named real LLM shape with random weights and a LISA-like sequence
 (576 image tokens by default), so speed claims can be checked without checkpoints, on CPU or GPU;
 ``--candidate-image-tokens N`` gives recipe A a compressor's token count (e.g. superpixels) instead.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -196,10 +198,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         runs, strategies, visual, info = _random_init(args, nodes, device, dtype)
     else:
         runs, strategies, visual, info = _from_recipes(args, cfgs, device, dtype)
+    load_before = os.getloadavg()[0]
     m = measure(runs, strategies, visual, device, args.warmup, args.repeats)
+    load_after = os.getloadavg()[0]
     a, b = m["A"], m["B"]
     flops_ratio = a.flops / b.flops
     speedup = b.median / a.median
+    spread = round_spread([tb / ta for ta, tb in zip(a.times, b.times)])
+    warnings = disturbance(spread, (load_before, load_after), torch.get_num_threads(), device)
     result = {
         "A": {"recipe": str(args.recipe), "name": names["A"], "flops": a.flops, "median_s": a.median, "times_s": a.times,
               "visual_tokens": a.visual_tokens, **a.tokens},
@@ -209,6 +215,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "speedup": speedup,
         "ideal_speedup": 1.0 / flops_ratio,
         "fraction_of_ideal": speedup * flops_ratio,
+        "speedup_per_round": spread,
+        "load_average": {"before": load_before, "after": load_after, "cpus": os.cpu_count()},
+        "warnings": warnings,
         "setup": {**info, "device": _device_name(device), "dtype": args.dtype, "warmup": args.warmup,
                   "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
@@ -218,6 +227,31 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def round_spread(speedups: list[float]) -> dict[str, float]:
+    """Median, quartiles and range of the per-round speedups (each round times A and B back to back)."""
+    qs = statistics.quantiles(speedups, n=4, method="inclusive") if len(speedups) > 1 else speedups * 3
+    return {"median": statistics.median(speedups), "q1": qs[0], "q3": qs[2], "min": min(speedups),
+            "max": max(speedups)}
+
+
+def disturbance(spread: dict[str, float], loads: tuple[float, float], threads: int, device: torch.device,
+                cpus: int | None = None) -> list[str]:
+    """Why the measured ratio may not be the machine's: rounds that disagree by more than 10 % (interquartile
+    range relative to the median), or other work on the CPU (1-minute load average above what the bench's own
+    threads explain) — a loaded 2-core machine can halve a ratio."""
+    out = []
+    rel = (spread["q3"] - spread["q1"]) / spread["median"]
+    if rel > 0.10:
+        out.append(f"the per-round speedups spread by {100 * rel:.0f}% of their median (IQR): "
+                   "the ratio is unreliable; rerun with more --repeats on a quieter machine")
+    cpus = cpus or os.cpu_count() or 1
+    busy = max(loads) - (threads if device.type == "cpu" else 1)
+    if busy > 0.5 and max(loads) > 0.75 * cpus:
+        out.append(f"load average {loads[0]:.1f} before and {loads[1]:.1f} after on {cpus} CPUs: other work shared "
+                   "the machine, so the speed ratio is likely understated")
+    return out
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -225,7 +259,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def format_table(r: dict[str, Any]) -> str:
-    a, b = r["A"], r["B"]
+    a, b, sp, load = r["A"], r["B"], r["speedup_per_round"], r["load_average"]
     lines = [
         f"{'':<22}{'A: ' + a['name']:>24}{'B: ' + b['name']:>24}",
         f"{'LLM GFLOPs':<22}{a['flops'] / 1e9:>24.3f}{b['flops'] / 1e9:>24.3f}",
@@ -235,6 +269,10 @@ def format_table(r: dict[str, Any]) -> str:
         f"{'ffn tokens/layer':<22}{_short(a['ffn_tokens']):>24}{_short(b['ffn_tokens']):>24}",
         f"FLOPs A/B = {r['flops_ratio']:.3f}   speedup B/A = {r['speedup']:.2f}×   "
         f"FLOP-ideal = {r['ideal_speedup']:.2f}×   achieved = {100 * r['fraction_of_ideal']:.0f}% of ideal",
+        f"per-round speedup: median {sp['median']:.2f}×, IQR {sp['q1']:.2f}–{sp['q3']:.2f}×, "
+        f"range {sp['min']:.2f}–{sp['max']:.2f}×   load average {load['before']:.1f} → {load['after']:.1f} "
+        f"on {load['cpus']} CPUs",
+        *(f"warning: {w}" for w in r["warnings"]),
         f"setup: {r['setup']}",
     ]
     return "\n".join(lines)

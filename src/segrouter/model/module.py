@@ -213,6 +213,8 @@ class SegmentationMLLM(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.device.type == "cuda":  # time the GPU's work, not only its launch
+            torch.cuda.synchronize()
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -229,6 +231,8 @@ class SegmentationMLLM(L.LightningModule):
         return parts["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         self.log("train/step_latency_ms", (time.perf_counter() - self._step_start) * 1000.0, batch_size=1)
 
     # -------------------------------------------------------------------------------------- evaluation
