@@ -1,0 +1,244 @@
+"""The vision-dependent benchmark (issue 12), end to end: for each seed, pretrain (recipes/visref_pretrain.yaml),
+then train the testbed (recipes/visref.yaml) and the blind control (recipes/visref_blind.yaml: the same
+recipe with no visual tokens for the LLM) from that checkpoint side by side, one CPU thread each, evaluate
+both on the test split, and the testbed again with its visual tokens shuffled across the batch and zeroed.
+Then write the table, the text-only and segment-everything reference levels and the acceptance checks into
+docs/results.md (between the "visref" markers).
+
+    python benchmarks/visref.py --out runs/visref --seeds 0 1 [key=value ...]
+
+Every step is a ``segrouter`` command (printed before it runs), so any row can be reproduced by hand;
+``key=value`` overrides go to every training command (e.g. ``trainer.max_steps=200`` for a dry run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from segrouter.compare import RunSummary, summarize  # noqa: E402
+from segrouter.errors import SegrouterError  # noqa: E402
+
+BEGIN, END = "<!-- visref:begin -->", "<!-- visref:end -->"
+PRETRAIN, FULL, BLIND = "visref_pretrain", "visref", "visref_blind"
+CONTROLS = ("shuffle", "zero")
+
+
+def _command(args: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    cmd = ["segrouter", *args]
+    print("$ " + shlex.join(cmd), flush=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("SEGROUTER_RUN_VERSION", None)
+    return cmd, env
+
+
+def run(*args: str) -> None:
+    """One segrouter command, echoed; a failure stops the benchmark (its own message is the last line)."""
+    cmd, env = _command(args)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+
+
+def run_side_by_side(*commands: tuple[str, ...]) -> None:
+    """Several segrouter commands at once, one CPU thread each (on 2 cores, two small trainings side by side
+    finish sooner than one after the other with two threads each)."""
+    procs = []
+    for args in commands:
+        cmd, env = _command(args)
+        procs.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"})))
+    failed = [cmd for cmd, p in procs if p.wait() != 0]
+    if failed:
+        raise subprocess.CalledProcessError(1, failed[0])
+
+
+def version(out: Path, name: str, k: int) -> Path:
+    return out / name / f"version_{k}"
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    found = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    if not found:
+        raise SegrouterError(f"no best checkpoint in {run_dir}", fix="the training run failed: see its output above")
+    return found[-1]
+
+
+def train_and_evaluate(out: Path, seed: int, overrides: list[str]) -> tuple[dict[str, list[Path]], dict[str, float]]:
+    """Every run of one seed: the folders of its training runs and evaluations by role, and the minutes
+    each stage took."""
+    common = [f"output_dir={out}", f"seed={seed}", "trainer.enable_progress_bar=false"]
+    pretrain, full, blind = (f"{n}_s{seed}" for n in (PRETRAIN, FULL, BLIND))
+    minutes: dict[str, float] = {}
+    t0 = time.perf_counter()
+    run("fit", "--recipe", f"recipes/{PRETRAIN}.yaml", *common, f"name={pretrain}", *overrides)
+    minutes["pretrain"] = (time.perf_counter() - t0) / 60
+    init = version(out, pretrain, 0) / "checkpoints" / "last.ckpt"
+    t0 = time.perf_counter()
+    run_side_by_side(*(("fit", "--recipe", f"recipes/{recipe}.yaml", *common, f"name={name}", f"init_from={init}",
+                        *overrides) for recipe, name in ((FULL, full), (BLIND, blind))))
+    minutes["testbed and blind, side by side"] = (time.perf_counter() - t0) / 60
+    t0 = time.perf_counter()
+    runs: dict[str, list[Path]] = {}
+    for recipe, name in ((FULL, full), (BLIND, blind)):
+        ckpt = str(best_checkpoint(version(out, name, 0)))
+        run("test", "--recipe", f"recipes/{recipe}.yaml", *common, f"name={name}", "--ckpt", ckpt, *overrides)
+        runs[recipe] = [version(out, name, 0), version(out, name, 1)]
+        if recipe == FULL:
+            for k, control in enumerate(CONTROLS, start=2):
+                run("test", "--recipe", f"recipes/{recipe}.yaml", *common, f"name={name}", "--ckpt", ckpt,
+                    "--control", control, *overrides)
+                runs[f"{FULL}+{control}"] = [version(out, name, 0), version(out, name, k)]
+    minutes["evaluations"] = (time.perf_counter() - t0) / 60
+    return runs, minutes
+
+
+def reference_levels(overrides: list[str]) -> dict[str, float]:
+    """What needs no LLM reading of the image, on the testbed's test split: the best text-only guess of the
+    target's name (the most frequent name for each expression, fitted on the split itself, so optimistic),
+    and the cIoU of segmenting every object."""
+    from segrouter.recipe import load_recipe
+    from segrouter.registry import load_builtins, registry
+
+    load_builtins()
+    cfg = load_recipe(ROOT / "recipes" / f"{FULL}.yaml", overrides)
+    from segrouter.recipe import component
+
+    ds = registry("dataset").build(component(cfg, "data.dataset"), "test")
+    limit = cfg.trainer.limit_test_batches
+    n = len(ds) if limit is None else min(len(ds), int(limit) * int(cfg.data.eval_batch_size))
+    names: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    inter = union = 0
+    for i in range(n):
+        scene = ds.scene(i)
+        target = scene.objects[scene.target]
+        names[scene.expression.text][f"{target.colour} {target.shape}"] += 1
+        every = sum(o.mask for o in scene.objects).astype(bool)
+        inter += int((every & target.mask).sum())
+        union += int((every | target.mask).sum())
+    text_only = sum(c.most_common(1)[0][1] for c in names.values()) / n
+    return {"text_only_name_acc": text_only, "segment_all_ciou": inter / union, "samples": n}
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(out: Path, seeds: list[int], runs: dict[int, dict[str, list[Path]]],
+          minutes: dict[int, dict[str, float]], overrides: list[str]) -> str:
+    """Per-seed rows and mean ± std rows, then the acceptance checks of issue 12."""
+    roles = [(FULL, "testbed (reads its visual tokens)"), (f"{FULL}+shuffle", "testbed, tokens shuffled"),
+             (f"{FULL}+zero", "testbed, tokens zeroed"), (BLIND, "trained blind (no visual tokens)")]
+    cols = ("val/ciou", "val/name_acc", "test/ciou", "test/giou", "test/name_acc")
+    rows = ["| model | evaluation | seed | val cIoU | val name_acc | test cIoU | test gIoU | test name_acc |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    values: dict[str, dict[str, list[float]]] = {r: {c: [] for c in cols} for r, _ in roles}
+    for role, label in roles:
+        for seed in seeds:
+            train_run, eval_run = (summarize(p) for p in runs[seed][role])
+            row = _values(train_run, eval_run)
+            for c in cols:
+                if row[c] is not None:
+                    values[role][c].append(row[c])
+            control = role.split("+")[1] if "+" in role else ("blind" if role == BLIND else "—")
+            rows.append(f"| {label} | {control} | {seed} | "
+                        + " | ".join("—" if row[c] is None else f"{row[c]:.3f}" for c in cols) + " |")
+        rows.append(f"| **{label}** | mean ± std | {len(seeds)} | " + " | ".join(_fmt(values[role][c]) for c in cols) + " |")
+    ref = reference_levels(overrides)
+    full = values[FULL]["test/ciou"]
+    blind = values[BLIND]["test/ciou"]
+    gap = statistics.mean(full) - statistics.mean(blind)
+    spread = max(full) - min(full)
+    checks = [
+        ("testbed val cIoU ≥ 0.55 (mean)", statistics.mean(values[FULL]["val/ciou"]) >= 0.55),
+        ("testbed val name_acc ≥ 0.8 (mean)", statistics.mean(values[FULL]["val/name_acc"]) >= 0.8),
+        ("trained blind ≥ 15 cIoU points below the testbed (test, means)", gap >= 0.15),
+        *((f"{c} control ≥ 15 cIoU points below the testbed (test, means)",
+           statistics.mean(full) - statistics.mean(values[f"{FULL}+{c}"]["test/ciou"]) >= 0.15) for c in CONTROLS),
+        (f"seed spread of the testbed's test cIoU ({spread:.3f}) ≤ a third of the testbed − blind gap ({gap:.3f})",
+         spread <= gap / 3),
+    ]
+    times = "; ".join(f"seed {s}: " + ", ".join(f"{k} {v:.1f} min" for k, v in minutes[s].items())
+                      for s in seeds if s in minutes) or "not recorded"
+    return "\n".join([
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores. Wall time per stage: {times}. "
+        f"Regenerate with `python benchmarks/visref.py --out {out} --seeds {' '.join(map(str, seeds))}`.",
+        "",
+        *rows,
+        "",
+        f"Reference levels on the same {ref['samples']} test samples: the best text-only guess of the name "
+        f"(most frequent name per expression, fitted on these samples) scores name_acc "
+        f"{ref['text_only_name_acc']:.3f}; segmenting every object scores cIoU {ref['segment_all_ciou']:.3f}.",
+        "",
+        "| acceptance check (issue 12) | met |",
+        "|---|---|",
+        *(f"| {name} | {'yes' if ok else '**no**'} |" for name, ok in checks),
+    ])
+
+
+def _values(train_run: RunSummary, eval_run: RunSummary) -> dict[str, float | None]:
+    """Validation figures from training (its best step), test figures from the evaluation run."""
+    return {"val/ciou": train_run.values.get("val/ciou"), "val/name_acc": train_run.values.get("val/name_acc"),
+            "test/ciou": eval_run.values.get("test/ciou"), "test/giou": eval_run.values.get("test/giou"),
+            "test/name_acc": eval_run.values.get("test/name_acc")}
+
+
+def write_section(text: str, doc: Path) -> None:
+    body = f"{BEGIN}\n{text}\n{END}"
+    old = doc.read_text()
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN)] + body + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + body + "\n"
+    doc.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/visref", help="output folder for every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "results.md"), help="markdown file to write the section into")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild the table from the runs in --out")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every segrouter command")
+    args = parser.parse_args(argv)
+    if len(args.seeds) < 2 and not args.table_only:
+        print("visref.py: error: the seed spread needs at least 2 seeds — pass e.g. --seeds 0 1", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    timings = out / "timings.json"
+    minutes = {int(k): v for k, v in json.loads(timings.read_text()).items()} if timings.exists() else {}
+    runs = {}
+    for seed in args.seeds:
+        if args.table_only:
+            runs[seed] = {FULL: [version(out, f"{FULL}_s{seed}", k) for k in (0, 1)],
+                          BLIND: [version(out, f"{BLIND}_s{seed}", k) for k in (0, 1)],
+                          **{f"{FULL}+{c}": [version(out, f"{FULL}_s{seed}", 0), version(out, f"{FULL}_s{seed}", k)]
+                             for k, c in enumerate(CONTROLS, start=2)}}
+        else:
+            runs[seed], minutes[seed] = train_and_evaluate(out, seed, args.overrides)
+            timings.write_text(json.dumps(minutes))
+    text = table(out, args.seeds, runs, minutes, args.overrides)
+    print(text)
+    write_section(text, Path(args.doc))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (SegrouterError, subprocess.CalledProcessError) as exc:
+        print(f"visref.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
