@@ -280,3 +280,31 @@ def test_gradient_checkpointing_recomputes_routed_layers() -> None:
         counted[on] = calls["mlp"]
         assert embeds.grad is not None and bool(embeds.grad.abs().sum() > 0)
     assert counted == {False: 4, True: 8}  # every layer's FFN, routed ones included, runs again in backward
+
+
+@pytest.mark.parametrize("rule", ["grid", "score"])
+def test_whole_layer_routing_with_every_token_a_proxy_equals_full(rule: str) -> None:
+    llm = _llm()
+    seq = _seq(llm)
+    with torch.no_grad():
+        full = registry("routing").build({"name": "full"})(llm, seq)
+        ours = _strategy(llm, insert_layer=0, route_start=0, proxy_ratio=1.0, proxy_rule=rule, routed="layer")(llm, seq)
+    torch.testing.assert_close(ours[seq.valid], full[seq.valid], rtol=1e-5, atol=1e-5)
+
+
+def test_whole_layer_routing_takes_routed_tokens_out_of_attention_too() -> None:
+    llm = _llm()
+    seq = _seq(llm, batch=1)
+    ffn_only, whole = (_strategy(llm, insert_layer=2, route_start=1, proxy_ratio=0.25, routed=r) for r in ("ffn", "layer"))
+    with torch.no_grad():
+        flops = {name: count_flops(lambda s=s: s(llm, seq))[1] for name, s in (("ffn", ffn_only), ("layer", whole))}
+    assert flops["layer"] < flops["ffn"]
+    a, b = ffn_only.stats.as_lists(), whole.stats.as_lists()
+    assert a["ffn_tokens"] == b["ffn_tokens"] == b["attn_tokens"]  # in routed layers, only the FFN pack attends
+    assert a["attn_tokens"][1] == 100.0 and b["attn_tokens"][1] == 36.0 + 16
+    embeds = seq.embeds.clone().requires_grad_(True)
+    whole.train()
+    whole(llm, type(seq)(embeds, seq.kinds, seq.positions, seq.coords)).sum().backward()
+    assert embeds.grad is not None and all(p.grad is not None for p in whole.projectors.parameters())
+    with pytest.raises(RecipeError, match="attention rule cannot rank them"):
+        _strategy(llm, routed="layer", proxy_rule="attention")

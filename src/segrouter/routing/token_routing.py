@@ -67,6 +67,7 @@ class _Plan:
     f_idx: torch.Tensor
     f_ok: torch.Tensor
     weight: torch.Tensor | None  # score rule: per-token scale of the FFN update
+    attention: tuple | None = None  # routed: layer — (bias, rotary, positions) of the FFN pack, which alone attends
     r_idx: torch.Tensor | None = None
     r_ok: torch.Tensor | None = None
     source: torch.Tensor | None = None
@@ -133,14 +134,17 @@ class TokenRouting(RoutingStrategy):
         projector_ratio: float = 0.25,
         projector_input: Literal["delta", "delta_token"] = "delta",
         score_alpha: float = 0.2,
+        routed: Literal["ffn", "layer"] = "ffn",
     ) -> None:
         super().__init__()
-        self.check_params(proxy_ratio=proxy_ratio, num_proxies=num_proxies, neighbours=neighbours)
+        self.check_params(proxy_ratio=proxy_ratio, num_proxies=num_proxies, neighbours=neighbours, routed=routed,
+                          proxy_rule=proxy_rule)
         self.cfg_insert, self.cfg_route_start, self.cfg_route_layers = insert_layer, route_start, route_layers
         self.late_text = late_text
         self.num_proxies, self.proxy_ratio = num_proxies, proxy_ratio
         self.proxy_rule, self.assignment, self.neighbours = proxy_rule, assignment, neighbours
         self.projector_ratio, self.projector_input, self.score_alpha = projector_ratio, projector_input, score_alpha
+        self.whole_layer = routed == "layer"
         self.insert_layer = 0
         self.routed: list[bool] = []
         self.projectors = nn.ModuleDict()
@@ -155,6 +159,9 @@ class TokenRouting(RoutingStrategy):
             raise RecipeError(f"num_proxies={params['num_proxies']} must be >= 1", where="model.routing.num_proxies")
         if params["neighbours"] < 1:
             raise RecipeError(f"neighbours={params['neighbours']} must be >= 1", where="model.routing.neighbours")
+        if params["routed"] == "layer" and params["proxy_rule"] == "attention":
+            raise RecipeError("routed: layer takes the routed tokens out of attention, so the attention rule cannot "
+                              "rank them", where="model.routing.proxy_rule", fix="use proxy_rule: grid or score")
 
     def setup(self, llm: CausalLLM) -> None:
         n = llm.num_layers
@@ -221,11 +228,13 @@ class TokenRouting(RoutingStrategy):
         d2 = torch.cdist(gather(seq.coords, r_idx), gather(seq.coords, p_idx)).square()
         d2 = d2.masked_fill(~p_ok[:, None, :], float("inf"))
         if self.assignment == "nearest":
-            return _Plan(ffn_active, f_idx, f_ok, weight, r_idx, r_ok, gather(p_slot, d2.argmin(dim=-1)))
+            nearest = gather(p_slot, d2.argmin(dim=-1))
+            return _Plan(ffn_active, f_idx, f_ok, weight, r_idx=r_idx, r_ok=r_ok, source=nearest)
         k = min(self.neighbours, d2.shape[-1])
         kth = d2.topk(k, dim=-1, largest=False).values[..., -1:]
         logits = (-d2 / spacing[:, None, None].square()).masked_fill(d2 > kth, float("-inf"))
-        return _Plan(ffn_active, f_idx, f_ok, weight, r_idx, r_ok, p_slot, logits.softmax(dim=-1).to(seq.embeds.dtype))
+        return _Plan(ffn_active, f_idx, f_ok, weight, r_idx=r_idx, r_ok=r_ok, source=p_slot,
+                     mix=logits.softmax(dim=-1).to(seq.embeds.dtype))
 
     def _choose(self, i: int, layer: nn.Module, h: torch.Tensor, layer_input: torch.Tensor, active: torch.Tensor,
                 is_image: torch.Tensor, rankers: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor,
@@ -252,12 +261,14 @@ class TokenRouting(RoutingStrategy):
         return chosen & is_image, weight
 
     # ------------------------------------------------------------------------------------ forward
-    def _routed_layer(self, i: int, layer: nn.Module, phase: tuple, plan: _Plan | None, seq: TokenSequence,
-                      is_image: torch.Tensor, rankers: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor,
-                      spacing: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, _Plan]:
+    def _routed_layer(self, i: int, llm: CausalLLM, layer: nn.Module, phase: tuple, plan: _Plan | None,
+                      seq: TokenSequence, is_image: torch.Tensor, rankers: torch.Tensor, counts: torch.Tensor,
+                      prior: torch.Tensor, spacing: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, _Plan]:
         """One routed layer: every active token through attention, the proxies (and text) through the FFN,
         the other image tokens updated from their proxies' FFN updates. ``plan`` is the phase's packing when
         the proxies are fixed (grid rule); otherwise it is made here, from this layer's states."""
+        if self.whole_layer:
+            return self._whole_routed_layer(i, llm, layer, phase, plan, seq, is_image, counts, prior, spacing, h)
         active, idx, ok, p_a, bias, pe = phase
         layer_input = h
         h = scatter(h, idx, ok, attention_residual(layer, gather(h, idx), bias, pe))
@@ -278,6 +289,36 @@ class TokenRouting(RoutingStrategy):
         h_r = gather(h, plan.r_idx)
         projector = self.projectors[str(i)]
         token = layer.post_attention_layernorm(h_r) if projector.with_token else None  # computed only when used
+        return scatter(h, plan.r_idx, plan.r_ok, h_r + projector(update, token)), plan
+
+    def _whole_routed_layer(self, i: int, llm: CausalLLM, layer: nn.Module, phase: tuple, plan: _Plan | None,
+                            seq: TokenSequence, is_image: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor,
+                            spacing: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, _Plan]:
+        """``routed: layer`` (ours, beyond the paper; ProxyV/MoD-like): the routed image tokens sit the whole
+        layer out — attention included, as queries and as keys — and receive their proxies' whole-layer update
+        (attention + FFN) through the projector."""
+        active, idx, ok, p_a, bias, pe = phase
+        if plan is None:
+            proxies, weight = self._choose(i, layer, h, h, active, is_image, torch.zeros_like(active), counts, prior,
+                                           (idx, ok, p_a, pe))
+            plan = self._plan(seq, active, is_image, proxies, weight, spacing)
+            positions = gather(seq.positions, plan.f_idx)
+            plan.attention = (attention_bias(positions, plan.f_ok, positions, plan.f_ok, h.dtype),
+                              llm.rotary(h, positions), positions)
+        k_bias, k_pe, k_pos = plan.attention
+        h_k = gather(h, plan.f_idx)
+        delta = layer(h_k, attention_mask=k_bias, position_embeddings=k_pe, position_ids=k_pos) - h_k
+        if plan.weight is not None:
+            delta = delta * gather(plan.weight, plan.f_idx).unsqueeze(-1)
+        h = scatter(h, plan.f_idx, plan.f_ok, h_k + delta)
+        if plan.r_idx is None:
+            return h, plan
+        update = gather(delta, plan.source)
+        if plan.mix is not None:
+            update = plan.mix @ update
+        h_r = gather(h, plan.r_idx)
+        projector = self.projectors[str(i)]
+        token = layer.input_layernorm(h_r) if projector.with_token else None
         return scatter(h, plan.r_idx, plan.r_ok, h_r + projector(update, token)), plan
 
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
@@ -309,7 +350,7 @@ class TokenRouting(RoutingStrategy):
                 h = scatter(h, idx, ok, run_layer(llm, layer, gather(h, idx), bias, pe, p_a))
                 continue
             phase = (active, idx, ok, p_a, bias, pe)
-            body = partial(self._routed_layer, i, layer, phase, fixed.get(early),
+            body = partial(self._routed_layer, i, llm, layer, phase, fixed.get(early),
                            seq, is_image, rankers, counts, prior, spacing)
             if getattr(llm, "gradient_checkpointing", False) and torch.is_grad_enabled():
                 h, plan = checkpoint(body, h, use_reentrant=False)  # recomputed in backward, as run_layer does
@@ -317,5 +358,5 @@ class TokenRouting(RoutingStrategy):
                 h, plan = body(h)
             if self.proxy_rule == "grid":
                 fixed[early] = plan
-            self.stats.record(active, plan.ffn_active)
+            self.stats.record(plan.ffn_active if self.whole_layer else active, plan.ffn_active)
         return llm.norm(h)
