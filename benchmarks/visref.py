@@ -106,13 +106,11 @@ def reference_levels(overrides: list[str]) -> dict[str, float]:
     """What needs no LLM reading of the image, on the testbed's test split: the best text-only guess of the
     target's name (the most frequent name for each expression, fitted on the split itself, so optimistic),
     and the cIoU of segmenting every object."""
-    from segrouter.recipe import load_recipe
+    from segrouter.recipe import component, load_recipe
     from segrouter.registry import load_builtins, registry
 
     load_builtins()
     cfg = load_recipe(ROOT / "recipes" / f"{FULL}.yaml", overrides)
-    from segrouter.recipe import component
-
     ds = registry("dataset").build(component(cfg, "data.dataset"), "test")
     limit = cfg.trainer.limit_test_batches
     n = len(ds) if limit is None else min(len(ds), int(limit) * int(cfg.data.eval_batch_size))
@@ -126,7 +124,9 @@ def reference_levels(overrides: list[str]) -> dict[str, float]:
         inter += int((every & target.mask).sum())
         union += int((every | target.mask).sum())
     text_only = sum(c.most_common(1)[0][1] for c in names.values()) / n
-    return {"text_only_name_acc": text_only, "segment_all_ciou": inter / union, "samples": n}
+    node = cfg.data.dataset
+    return {"text_only_name_acc": text_only, "segment_all_ciou": inter / union, "samples": n,
+            "names": len(node.colours) * len(node.shapes)}
 
 
 def _fmt(values: list[float]) -> str:
@@ -137,7 +137,7 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def table(out: Path, seeds: list[int], runs: dict[int, dict[str, list[Path]]],
+def table(command: str, seeds: list[int], runs: dict[int, dict[str, list[Path]]],
           minutes: dict[int, dict[str, float]], overrides: list[str]) -> str:
     """Per-seed rows and mean ± std rows, then the acceptance checks of issue 12."""
     roles = [(FULL, "testbed (reads its visual tokens)"), (f"{FULL}+shuffle", "testbed, tokens shuffled"),
@@ -149,14 +149,15 @@ def table(out: Path, seeds: list[int], runs: dict[int, dict[str, list[Path]]],
     for role, label in roles:
         for seed in seeds:
             train_run, eval_run = (summarize(p) for p in runs[seed][role])
-            row = _values(train_run, eval_run)
+            row = _values(train_run, eval_run, controlled="+" in role)
             for c in cols:
                 if row[c] is not None:
                     values[role][c].append(row[c])
             control = role.split("+")[1] if "+" in role else ("blind" if role == BLIND else "—")
             rows.append(f"| {label} | {control} | {seed} | "
                         + " | ".join("—" if row[c] is None else f"{row[c]:.3f}" for c in cols) + " |")
-        rows.append(f"| **{label}** | mean ± std | {len(seeds)} | " + " | ".join(_fmt(values[role][c]) for c in cols) + " |")
+        rows.append(f"| **{label}** | mean ± std | {len(seeds)} | "
+                    + " | ".join(_fmt(values[role][c]) for c in cols) + " |")
     ref = reference_levels(overrides)
     full = values[FULL]["test/ciou"]
     blind = values[BLIND]["test/ciou"]
@@ -174,14 +175,14 @@ def table(out: Path, seeds: list[int], runs: dict[int, dict[str, list[Path]]],
     times = "; ".join(f"seed {s}: " + ", ".join(f"{k} {v:.1f} min" for k, v in minutes[s].items())
                       for s in seeds if s in minutes) or "not recorded"
     return "\n".join([
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores. Wall time per stage: {times}. "
-        f"Regenerate with `python benchmarks/visref.py --out {out} --seeds {' '.join(map(str, seeds))}`.",
+        f"Machine: {_cpu()}, {os.cpu_count()} cores. Wall time per stage: {times}. Regenerate with `{command}`.",
         "",
         *rows,
         "",
         f"Reference levels on the same {ref['samples']} test samples: the best text-only guess of the name "
         f"(most frequent name per expression, fitted on these samples) scores name_acc "
-        f"{ref['text_only_name_acc']:.3f}; segmenting every object scores cIoU {ref['segment_all_ciou']:.3f}.",
+        f"{ref['text_only_name_acc']:.3f} (a uniform guess among the {ref['names']} names: {1 / ref['names']:.3f}); "
+        f"segmenting every object scores cIoU {ref['segment_all_ciou']:.3f}.",
         "",
         "| acceptance check (issue 12) | met |",
         "|---|---|",
@@ -189,9 +190,18 @@ def table(out: Path, seeds: list[int], runs: dict[int, dict[str, list[Path]]],
     ])
 
 
-def _values(train_run: RunSummary, eval_run: RunSummary) -> dict[str, float | None]:
-    """Validation figures from training (its best step), test figures from the evaluation run."""
-    return {"val/ciou": train_run.values.get("val/ciou"), "val/name_acc": train_run.values.get("val/name_acc"),
+def _cpu() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def _values(train_run: RunSummary, eval_run: RunSummary, controlled: bool) -> dict[str, float | None]:
+    """Validation figures from training (its best step; none for a control, which is evaluated on the test
+    split only), test figures from the evaluation run."""
+    val = {} if controlled else train_run.values
+    return {"val/ciou": val.get("val/ciou"), "val/name_acc": val.get("val/name_acc"),
             "test/ciou": eval_run.values.get("test/ciou"), "test/giou": eval_run.values.get("test/giou"),
             "test/name_acc": eval_run.values.get("test/name_acc")}
 
@@ -210,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/visref", help="output folder for every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--doc", default=str(ROOT / "docs" / "results.md"), help="markdown file to write the section into")
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "results.md"),
+                        help="markdown file to write the section into")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from the runs in --out")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every segrouter command")
     args = parser.parse_args(argv)
@@ -230,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             runs[seed], minutes[seed] = train_and_evaluate(out, seed, args.overrides)
             timings.write_text(json.dumps(minutes))
-    text = table(out, args.seeds, runs, minutes, args.overrides)
+    command = shlex.join(["python", "benchmarks/visref.py", "--out", args.out, "--seeds", *map(str, args.seeds),
+                          *args.overrides])
+    text = table(command, args.seeds, runs, minutes, args.overrides)
     print(text)
     write_section(text, Path(args.doc))
     return 0

@@ -55,7 +55,7 @@ def test_conv_stem_features_are_local_and_translation_equivariant() -> None:
 
 @pytest.mark.parametrize(
     ("params", "fragment"),
-    [({"channels": 0}, "channels and depth must be >= 1"), ({"stride": 3}, "stride must be a power of two"),
+    [({"channels": 0}, "channels, depth and out_dim must be >= 1"), ({"stride": 3}, "stride must be a power of two"),
      ({"depth": 1, "stride": 4}, "stride must be a power of two"), ({"padding_mode": "reflect"}, "padding_mode")],
 )
 def test_conv_stem_settings_are_checked(params: dict, fragment: str) -> None:
@@ -274,3 +274,16 @@ def test_a_frozen_vit_from_a_pretraining_run(tmp_path: Path) -> None:
     assert not any(p.requires_grad for p in model.vision.parameters())
     sincos = model.vision.vit.pos_embed
     assert sincos[0, 0].abs().max() <= 1 and not torch.equal(sincos[0, 0], sincos[0, 1])  # a fixed 2D table
+
+
+def test_freeze_keeps_the_named_parts_fixed(tmp_path: Path) -> None:
+    model, _ = build_model(tiny_cfg(tmp_path, *VISREF, "model.freeze=[mask_decoder,text_proj]"))
+    assert not any(p.requires_grad for m in (model.mask_decoder, model.text_proj) for p in m.parameters())
+    assert all(p.requires_grad for m in (model.llm, model.mask_encoder) for p in m.parameters())
+    with pytest.raises(SegrouterError, match="model.freeze names no part of the model: decoder"):
+        build_model(tiny_cfg(tmp_path, "model.freeze=[decoder]"))
+
+
+def test_conv_stem_projects_to_the_width_a_decoder_was_trained_on() -> None:
+    stem = ConvStem(64, channels=8, depth=3, stride=4, out_dim=128)
+    assert stem.out_dim == 128 and stem(torch.rand(2, 3, 64, 64)).shape == (2, 128, 16, 16)

@@ -67,6 +67,7 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     freeze_vision: bool = False  # LISA keeps the (pretrained) vision tower frozen
+    freeze: list[str] = field(default_factory=list)  # other parts to keep fixed, e.g. [mask_decoder, text_proj]
 
 
 @dataclass

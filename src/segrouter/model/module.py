@@ -116,6 +116,13 @@ class SegmentationMLLM(L.LightningModule):
             apply_lora(self.llm, m.lora)
         if m.freeze_vision:
             self.vision.requires_grad_(False)
+        parts = dict(self.named_children())
+        unknown = [name for name in m.freeze if name not in parts]
+        if unknown:
+            raise SegrouterError(f"model.freeze names no part of the model: {', '.join(unknown)}", where="model.freeze",
+                                 fix=f"the model's parts are: {', '.join(parts)}")
+        for name in m.freeze:
+            parts[name].requires_grad_(False)
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
         self.mask_token_ids = [int(i) for i in tokenizer.convert_tokens_to_ids(mask_token_names(int(m.num_mask_tokens)))]
         self.loss_w = m.loss

@@ -34,7 +34,9 @@ class ConvStem(VisionEncoder):
     """``depth`` 3×3 convolutions, each followed by a per-pixel LayerNorm over the channels and GELU; the first
     log2(``stride``) of them have stride 2, so the feature map is ``image_size / stride`` on a side. Images
     are taken in [0, 1] and centred. No operation pools over the image (a GroupNorm or BatchNorm would mix
-    in statistics of the whole image), so each feature is a function of its receptive field alone."""
+    in statistics of the whole image), so each feature is a function of its receptive field alone.
+    ``out_dim`` adds a 1×1 projection to that many channels (e.g. the width of the encoder a mask decoder
+    was trained on before, so the decoder's weights fit)."""
 
     def __init__(
         self,
@@ -45,9 +47,10 @@ class ConvStem(VisionEncoder):
         depth: int = 3,
         stride: int = 4,
         padding_mode: Literal["replicate", "zeros"] = "replicate",
+        out_dim: int | None = None,
     ) -> None:
         super().__init__()
-        self.check_params(channels=channels, depth=depth, stride=stride, padding_mode=padding_mode)
+        self.check_params(channels=channels, depth=depth, stride=stride, padding_mode=padding_mode, out_dim=out_dim)
         if image_size % stride:
             raise RecipeError(f"conv_stem: image size {image_size} is not a multiple of stride {stride}",
                               fix="choose a power of two dividing the image size")
@@ -58,8 +61,10 @@ class ConvStem(VisionEncoder):
             conv = nn.Conv2d(in_ch, channels, 3, stride=2 if i < downs else 1, padding=1, padding_mode=padding_mode)
             layers += [conv, _PixelNorm(channels), nn.GELU()]
             in_ch = channels
+        if out_dim is not None:
+            layers.append(nn.Conv2d(channels, out_dim, 1))
         self.net = nn.Sequential(*layers)
-        self.out_dim = channels
+        self.out_dim = out_dim or channels
         self.grid_size = (image_size // stride, image_size // stride)
         rf, jump = 1, 1
         for i in range(depth):
@@ -70,8 +75,9 @@ class ConvStem(VisionEncoder):
     def check_params(**p: Any) -> None:
         """Value ranges, checked when a recipe is validated (and again here at construction)."""
         channels, depth, stride, padding_mode = p["channels"], p["depth"], p["stride"], p["padding_mode"]
-        if channels < 1 or depth < 1:
-            raise RecipeError(f"conv_stem: channels and depth must be >= 1, got {channels} and {depth}")
+        if channels < 1 or depth < 1 or (p["out_dim"] is not None and p["out_dim"] < 1):
+            raise RecipeError(f"conv_stem: channels, depth and out_dim must be >= 1, got {channels}, {depth} and "
+                              f"{p['out_dim']}")
         if stride < 1 or stride & (stride - 1) or 2 ** depth < stride:
             raise RecipeError(f"conv_stem: stride must be a power of two reachable with depth={depth} stride-2 layers, "
                               f"got {stride}", fix="use 1, 2, 4, ... up to 2**depth")
