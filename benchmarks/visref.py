@@ -124,9 +124,8 @@ def reference_levels(overrides: list[str]) -> dict[str, float]:
         inter += int((every & target.mask).sum())
         union += int((every | target.mask).sum())
     text_only = sum(c.most_common(1)[0][1] for c in names.values()) / n
-    node = cfg.data.dataset
     return {"text_only_name_acc": text_only, "segment_all_ciou": inter / union, "samples": n,
-            "names": len(node.colours) * len(node.shapes)}
+            "names": len(ds.colours) * len(ds.shapes)}
 
 
 def _fmt(values: list[float]) -> str:
