@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, RichProgressBar
+from lightning.pytorch.callbacks.model_summary import log as summary_log
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 from omegaconf import DictConfig
 
 from segrouter.errors import RecipeError
@@ -93,6 +95,23 @@ class SaveRecipe(Callback):
             save_recipe(self.cfg, Path(log_dir) / "recipe.yaml")
 
 
+class ParameterSummary(ModelSummary):
+    """Lightning's model summary without its FLOPs column and total, which count nothing here (they need an
+    ``example_input_array``, and a batch of this model is a dict built by the data module) and printed
+    "Total FLOPs: 0" in a framework whose purpose is counting FLOPs. The LLM FLOPs per sample are counted
+    on real validation batches and logged as ``val/llm_flops`` (``segrouter bench`` for a side-by-side count)."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        columns = [c for c in summary_data if c[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      total_flops, *columns)
+        table = table.rsplit("\n", 1)[0]  # the "Total Flops" line
+        summary_log.info("\n" + table + "\nLLM FLOPs per sample: counted on validation batches, logged as val/llm_flops")
+
+
 def build_strategy(cfg: DictConfig) -> Any:
     t = cfg.trainer
     if t.strategy in DEEPSPEED_STAGES:
@@ -146,6 +165,7 @@ def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callb
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     if t.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
+    callbacks.append(ParameterSummary())
     kwargs: dict[str, Any] = {
         k: t[k]
         for k in (
@@ -163,6 +183,7 @@ def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callb
         strategy=build_strategy(cfg),
         logger=loggers or False,
         callbacks=callbacks,
+        enable_model_summary=False,  # Lightning's default summary; ParameterSummary is in the callbacks
         default_root_dir=str(run_dir),
         **kwargs,
     )
