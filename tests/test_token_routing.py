@@ -141,6 +141,16 @@ def test_bench_random_init_toy_shape(tmp_path: Path) -> None:
     assert "per-round speedup: median" in format_table(r)
 
 
+def test_bench_random_init_takes_list_parameters() -> None:
+    """pdrop's stage boundaries are a list in its recipe: the routing node reaches the registry as plain data."""
+    args = argparse.Namespace(
+        recipe=str(RECIPES / "pdrop.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[], random_init="toy",
+        num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1, warmup=0, repeats=1,
+        device="cpu", dtype="float32", out=None, candidate_image_tokens=None,
+    )
+    assert run_bench(args)["flops_ratio"] < 1
+
+
 def test_bench_warns_when_rounds_disagree_or_the_machine_is_loaded() -> None:
     cpu = torch.device("cpu")
     steady = round_spread([1.50, 1.52, 1.49, 1.51])

@@ -182,7 +182,7 @@ def _from_recipes(args: argparse.Namespace, cfgs: dict[str, Any], device: torch.
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from segrouter.recipe import load_recipe
+    from segrouter.recipe import component, load_recipe
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -194,7 +194,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     cfgs = {"A": load_recipe(args.recipe, args.overrides), "B": load_recipe(args.vs)}
     names = {"A": cfgs["A"].name, "B": cfgs["B"].name}
     if args.random_init:
-        nodes = {k: dict(c.model.routing) for k, c in cfgs.items()}
+        nodes = {k: component(c, "model.routing") for k, c in cfgs.items()}  # plain lists, as the registry expects
         runs, strategies, visual, info = _random_init(args, nodes, device, dtype)
     else:
         runs, strategies, visual, info = _from_recipes(args, cfgs, device, dtype)
