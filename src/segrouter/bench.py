@@ -44,6 +44,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     # LLaMA-2-7B / Vicuna-7B (LLaVA, LISA-7B): the paper-scale shape.
     "llama-7b": {"family": "llama", "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 32,
                  "intermediate_size": 11008},
+    # LLaMA-2-70B (GQA, 8 KV heads): a shape to count with --flops-only (its fp32 weights need 280 GB).
+    "llama-70b": {"family": "llama", "hidden_size": 8192, "num_layers": 80, "num_heads": 64, "num_kv_heads": 8,
+                  "intermediate_size": 28672},
     # TinyLlama-1.1B: a LLaMA shape small enough to train with AdamW on one GPU in seconds per step.
     "tinyllama-1.1b": {"family": "llama", "hidden_size": 2048, "num_layers": 22, "num_heads": 32, "num_kv_heads": 4,
                        "intermediate_size": 5632},
