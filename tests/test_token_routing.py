@@ -129,7 +129,7 @@ def test_bench_random_init_toy_shape(tmp_path: Path) -> None:
     args = argparse.Namespace(
         recipe=str(RECIPES / "token_routing.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[],
         random_init="toy", num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1,
-        warmup=1, repeats=2, device="cpu", dtype="float32", out=str(tmp_path / "b.json"), candidate_image_tokens=None,
+        warmup=1, repeats=2, device="cpu", dtype="float32", out=str(tmp_path / "b.json"), candidate_image_tokens=None, flops_only=False,
     )
     r = run_bench(args)
     assert 0 < r["flops_ratio"] < 1 and len(r["A"]["times_s"]) == 2
@@ -139,6 +139,16 @@ def test_bench_random_init_toy_shape(tmp_path: Path) -> None:
     assert sp["min"] <= sp["q1"] <= sp["median"] <= sp["q3"] <= sp["max"]
     assert set(r["load_average"]) == {"before", "after", "cpus"} and isinstance(r["warnings"], list)
     assert "per-round speedup: median" in format_table(r)
+
+
+def test_bench_random_init_takes_list_parameters() -> None:
+    """pdrop's stage boundaries are a list in its recipe: the routing node reaches the registry as plain data."""
+    args = argparse.Namespace(
+        recipe=str(RECIPES / "pdrop.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[], random_init="toy",
+        num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1, warmup=0, repeats=1,
+        device="cpu", dtype="float32", out=None, candidate_image_tokens=None, flops_only=False,
+    )
+    assert run_bench(args)["flops_ratio"] < 1
 
 
 def test_bench_warns_when_rounds_disagree_or_the_machine_is_loaded() -> None:
@@ -155,7 +165,7 @@ def test_bench_from_recipes(tmp_path: Path) -> None:
     args = argparse.Namespace(
         recipe=str(RECIPES / "tiny.yaml"), vs=str(RECIPES / "tiny.yaml"), overrides=["model.routing.name=token_routing"],
         random_init=None, num_layers=None, batch=2, warmup=0, repeats=1, device="cpu", dtype="float32", out=None,
-        image_tokens=576, text_tokens=32, num_mask_tokens=1, candidate_image_tokens=None,
+        image_tokens=576, text_tokens=32, num_mask_tokens=1, candidate_image_tokens=None, flops_only=False,
     )
     r = run_bench(args)
     assert r["A"]["visual_tokens"] == 16 and r["flops_ratio"] < 1
@@ -169,7 +179,7 @@ def test_bench_random_init_with_a_compressors_token_count() -> None:
     args = argparse.Namespace(
         recipe=str(RECIPES / "quickstart.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[],
         random_init="toy", num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1,
-        warmup=0, repeats=1, device="cpu", dtype="float32", out=None, candidate_image_tokens=40,
+        warmup=0, repeats=1, device="cpu", dtype="float32", out=None, candidate_image_tokens=40, flops_only=False,
     )
     r = run_bench(args)
     assert (r["A"]["visual_tokens"], r["B"]["visual_tokens"]) == (40, 64)
