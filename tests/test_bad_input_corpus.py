@@ -502,8 +502,8 @@ def test_plugin_that_raises_on_import(case: str, where: str, run_root: Path, tmp
     (plugins / f"broken_{case}.py").write_text(text)
     if where == "flag":
         argv = ["fit", "--recipe", TINY, "--plugins", str(plugins), f"output_dir={run_root}"]
-    else:
-        argv = ["fit", "--recipe", TINY, f"output_dir={run_root}", f"plugins=[{plugins}]"]
+    else:  # a recipe's plugins: list, opted into on the command line (a recipe alone never imports code)
+        argv = ["fit", "--recipe", TINY, "--plugins", str(plugins), f"output_dir={run_root}", f"plugins=[{plugins}]"]
     _check(argv, capsys, fragment)
 
 

@@ -1,7 +1,8 @@
 """Recipes: omegaconf YAML with ``base:`` inheritance and ``key=value`` overrides, validated up front.
 
-A recipe is data, never code: YAML is read with omegaconf's safe loader (no ``!!python`` tags) and
-interpolations are resolved without custom resolvers. Validation happens in two passes before anything is
+A recipe is data, never code: YAML is read with the safe loader (no ``!!python`` tags), interpolations are
+resolved without custom resolvers, and the folders a recipe lists under ``plugins:`` are only checked to be
+loaded already (the user opts into their code with ``--plugins DIR``), never imported from here. Validation happens in two passes before anything is
 built: the fixed top-level schema (keys and types, via omegaconf structured configs), then every component
 node against its registered constructor (see :mod:`segrouter.registry`).
 """
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from segrouter.errors import RecipeError, did_you_mean
-from segrouter.registry import load_plugins, registry
+from segrouter.registry import check_recipe_plugins, registry
 
 MODEL_COMPONENTS: dict[str, str] = {
     "vision_encoder": "vision_encoder",
@@ -293,14 +294,16 @@ def _schema_error(exc: OmegaConfBaseException, schema: DictConfig) -> RecipeErro
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
-    """Read a recipe with its bases, apply overrides, check it against the schema and the registries."""
+    """Read a recipe with its bases, apply overrides, check it against the schema and the registries.
+
+    Imports nothing: load the plugins first (:func:`segrouter.registry.load_plugins`)."""
     raw = _load_with_bases(Path(path), ())
     if overrides:
         raw = merge(raw, _parse_overrides(overrides))
     plugin_dirs = raw.get("plugins", [])
     if not isinstance(plugin_dirs, (list, ListConfig)) or not all(isinstance(d, str) for d in plugin_dirs):
         raise RecipeError("'plugins' must be a list of folders", where="plugins")
-    load_plugins(list(plugin_dirs))
+    check_recipe_plugins(list(plugin_dirs))  # never imports: plugins are opted into with --plugins
     schema = OmegaConf.structured(Recipe)
     try:
         cfg = OmegaConf.merge(schema, raw)

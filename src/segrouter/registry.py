@@ -226,8 +226,14 @@ def load_plugin_file(path: Path) -> None:
         ) from exc
 
 
+_LOADED_DIRS: set[Path] = set()  # plugin folders imported so far (resolved), see :func:`check_recipe_plugins`
+
+
 def load_plugins(extra_dirs: Iterable[str | Path] = ()) -> None:
-    """Discover plugins: entry points of installed packages, then ``*.py`` files in plugin folders."""
+    """Discover plugins: entry points of installed packages, then ``*.py`` files in plugin folders.
+
+    Only the command line calls this with folders (``--plugins DIR``): a recipe's ``plugins:`` list is
+    checked by :func:`check_recipe_plugins` and never imported, so reading a recipe cannot run code."""
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
@@ -248,6 +254,25 @@ def load_plugins(extra_dirs: Iterable[str | Path] = ()) -> None:
         for f in sorted(d.glob("*.py")):
             if not f.name.startswith("_"):
                 load_plugin_file(f)
+        _LOADED_DIRS.add(d.resolve())
+
+
+def check_recipe_plugins(dirs: Iterable[str]) -> None:
+    """Check that every folder a recipe lists under ``plugins:`` is already loaded, without importing it.
+
+    A recipe is data that may come from anyone (a shared ``base:``, a colleague's run folder), so naming a
+    folder in it is not consent to run that folder's code: the user opts in on the command line with
+    ``--plugins DIR``, or keeps the plugin in the repository's own ``plugins/`` (always loaded)."""
+    for d in dirs:
+        p = Path(d)
+        if not p.is_dir():
+            raise SegrouterError(f"plugin folder {p} does not exist", fix="pass an existing folder to --plugins")
+        if p.resolve() not in _LOADED_DIRS:
+            raise RecipeError(
+                f"the recipe lists plugin folder {d}, which is not loaded: a recipe never imports code by itself",
+                where="plugins",
+                fix=f"if you trust its code, add '--plugins {d}' to the command",
+            )
 
 
 def type_matches(value: Any, hint: Any) -> bool:
