@@ -84,3 +84,37 @@ def test_recipe_plugins_load_when_named_on_the_command_line(tmp_path: Path, caps
     _check(["validate", "--recipe", str(recipe), "--plugins", str(plugins), f"output_dir={tmp_path / 'runs'}"],
            capsys, "no checkpoint found for recipe 'tiny'")
     assert marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# no resolver calls: ${oc.env:...} would copy a secret into recipe.yaml, hparams.yaml and the checkpoints
+
+SECRET = "hf_s3cr3t_token_value"
+
+RESOLVER_CASES = [  # (recipe text beyond the base, override, key named in the error, resolver)
+    ("name: ${oc.env:SEGROUTER_TEST_SECRET}\n", None, "name", "oc.env"),
+    ("name: run-${oc.env:SEGROUTER_TEST_SECRET,default}\n", None, "name", "oc.env"),
+    ("name: '${ oc.env : SEGROUTER_TEST_SECRET }'\n", None, "name", "oc.env"),
+    ("model: {routing: {name: '${oc.decode:full}'}}\n", None, "model.routing.name", "oc.decode"),
+    ("data: {dataset: {forms: ['${oc.env:SEGROUTER_TEST_SECRET}']}}\n", None, "data.dataset.forms[0]", "oc.env"),
+    ("", "name=${oc.env:SEGROUTER_TEST_SECRET}", "name", "oc.env"),
+    ("", "output_dir=\\${oc.env:SEGROUTER_TEST_SECRET}", "output_dir", "oc.env"),
+]
+
+
+@pytest.mark.parametrize(("text", "override", "key", "resolver"), RESOLVER_CASES)
+@pytest.mark.parametrize("in_base", [False, True])
+def test_resolver_calls_are_refused(text: str, override: str | None, key: str, resolver: str, in_base: bool,
+                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SEGROUTER_TEST_SECRET", SECRET)
+    recipe = tmp_path / "r.yaml"
+    if in_base:
+        (tmp_path / "shared.yaml").write_text(f"base: [{TINY}]\n{text}")
+        recipe.write_text("base: [shared.yaml]\n")
+    else:
+        recipe.write_text(f"base: [{TINY}]\n{text}")
+    argv = ["fit", "--recipe", str(recipe), f"output_dir={tmp_path / 'runs'}", *([override] if override else [])]
+    line = _check(argv, capsys, f"{key}: ")
+    assert f"calls the resolver '{resolver}'" in line and SECRET not in line
+    assert not (tmp_path / "runs").exists()

@@ -1,15 +1,17 @@
 """Recipes: omegaconf YAML with ``base:`` inheritance and ``key=value`` overrides, validated up front.
 
-A recipe is data, never code: YAML is read with the safe loader (no ``!!python`` tags), interpolations are
-resolved without custom resolvers, and the folders a recipe lists under ``plugins:`` are only checked to be
-loaded already (the user opts into their code with ``--plugins DIR``), never imported from here. Validation happens in two passes before anything is
-built: the fixed top-level schema (keys and types, via omegaconf structured configs), then every component
-node against its registered constructor (see :mod:`segrouter.registry`).
+A recipe is data, never code: YAML is read with the safe loader (no ``!!python`` tags), interpolations may
+only refer to other keys (a ``${resolver:...}`` call such as ``oc.env`` is an error), and the folders a
+recipe lists under ``plugins:`` are only checked to be loaded already (the user opts into their code with
+``--plugins DIR``), never imported from here. Validation happens in two passes before anything is built:
+the fixed top-level schema (keys and types, via omegaconf structured configs), then every component node
+against its registered constructor (see :mod:`segrouter.registry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import string
 import typing
 from dataclasses import dataclass, field
@@ -265,6 +267,33 @@ def _load_with_bases(path: Path, stack: tuple[Path, ...]) -> DictConfig:
     return merge(merged, cfg)
 
 
+_RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w\-]*(?:\.[A-Za-z_][\w\-]*)*)\s*:")
+
+
+def _reject_resolvers(node: Any, prefix: str = "") -> None:
+    """Refuse ``${resolver:...}`` calls anywhere in the recipe: only references to other keys are allowed.
+
+    omegaconf registers resolvers such as ``oc.env`` globally; ``${oc.env:HF_TOKEN}`` would copy a secret
+    into the saved ``recipe.yaml``, ``hparams.yaml`` and every checkpoint. A recipe is shared data, so it may
+    refer to its own keys (``${model.image_size}``) and nothing else. An escaped ``\\${...}`` is refused too:
+    telling it from an escaped backslash followed by a real call is not worth the risk."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _reject_resolvers(v, f"{prefix}{k}.")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _reject_resolvers(v, f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(node, str) and (m := _RESOLVER_CALL.search(node)):
+        env = m.group(1) == "oc.env"
+        raise RecipeError(
+            f"'{node}' calls the resolver '{m.group(1)}'; a recipe may only refer to its own keys, e.g. ${{model.image_size}}",
+            where=prefix.rstrip(".") or None,
+            fix=("write the value itself (as key=value on the command line if it varies); environment variables are "
+                 "never read into a recipe, which is saved with the run and its checkpoints") if env
+            else "write the value itself, or refer to another key with ${key}",
+        )
+
+
 def _parse_overrides(overrides: list[str]) -> DictConfig:
     for o in overrides:
         if "=" not in o:
@@ -300,6 +329,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
     raw = _load_with_bases(Path(path), ())
     if overrides:
         raw = merge(raw, _parse_overrides(overrides))
+    _reject_resolvers(OmegaConf.to_container(raw, resolve=False))
     plugin_dirs = raw.get("plugins", [])
     if not isinstance(plugin_dirs, (list, ListConfig)) or not all(isinstance(d, str) for d in plugin_dirs):
         raise RecipeError("'plugins' must be a list of folders", where="plugins")
