@@ -118,3 +118,70 @@ def test_resolver_calls_are_refused(text: str, override: str | None, key: str, r
     line = _check(argv, capsys, f"{key}: ")
     assert f"calls the resolver '{resolver}'" in line and SECRET not in line
     assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bounded loading: a few lines of YAML or base: must not ask for billions of values or loads
+
+BILLION_LAUGHS = """\
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+"""
+FLOW_BOMB = "[" + ", ".join(["&a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"&{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]"
+                                                               for i in range(7)]) + "]"
+
+BOUNDED = [  # (recipe file text, overrides, fragment)
+    (BILLION_LAUGHS, [], "expands to more than 20000 values"),
+    (f"base: [{TINY}]\ndata: {{dataset: {{forms: &x [*x]}}}}\n", [], "a YAML alias refers to a node that contains it"),
+    ("name: " + "[" * 3000 + "]" * 3000 + "\n", [], "nested deeper than 64 levels"),
+    ("name: " + "[" * 100 + "]" * 100 + "\n", [], "nested deeper than 64 levels"),
+    (f"base: [{TINY}]\n", [f"model.freeze={FLOW_BOMB}"], "model.freeze: expands to more than 20000 values"),
+    (f"base: [{TINY}]\n", ["name=" + "[" * 3000 + "]" * 3000], "name: nested deeper than 64 levels"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("text", "overrides", "fragment"), BOUNDED, ids=[f"bomb{i}" for i in range(len(BOUNDED))])
+def test_alias_bombs_and_deep_nesting_are_refused(text: str, overrides: list[str], fragment: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    _check(["fit", "--recipe", str(recipe), f"output_dir={tmp_path / 'runs'}", *overrides], capsys, fragment)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_base_named_twice_at_every_level_is_loaded_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    levels = 22  # 2^22 loads if each base: entry were read again
+    for i in range(levels):
+        nxt = f"level{i + 1}.yaml" if i + 1 < levels else TINY
+        (tmp_path / f"level{i}.yaml").write_text(f"base: [{nxt}, {nxt}]\nseed: {i}\n")
+    # it loads (and validates) in well under a second; the command then stops at the missing checkpoint
+    _check(["validate", "--recipe", str(tmp_path / "level0.yaml"), f"output_dir={tmp_path / 'runs'}"], capsys,
+           "no checkpoint found for recipe 'tiny'")
+
+
+def test_a_repeated_base_keeps_its_merge_order(tmp_path: Path) -> None:
+    from segrouter.recipe import load_recipe
+    from segrouter.registry import load_builtins
+
+    load_builtins()
+    (tmp_path / "a.yaml").write_text(f"base: [{TINY}]\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("seed: 2\nmetrics: {flops_batches: 5}\n")
+    (tmp_path / "c.yaml").write_text("base: [a.yaml, b.yaml, a.yaml]\n")
+    cfg = load_recipe(tmp_path / "c.yaml")
+    assert cfg.seed == 1 and cfg.metrics.flops_batches == 5  # the second a.yaml wins over b.yaml, as before
+
+
+@pytest.mark.timeout(60)
+def test_a_very_long_base_chain_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for i in range(40):
+        (tmp_path / f"chain{i}.yaml").write_text(f"base: [chain{i + 1}.yaml]\n" if i < 39 else f"base: [{TINY}]\n")
+    _check(["fit", "--recipe", str(tmp_path / "chain0.yaml"), f"output_dir={tmp_path / 'runs'}"], capsys,
+           "more than 32 levels of base: recipes")
+    assert not (tmp_path / "runs").exists()

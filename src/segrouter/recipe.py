@@ -216,6 +216,44 @@ def merge(base: DictConfig, override: DictConfig) -> DictConfig:
                           fix="a value must keep the kind (mapping, list or scalar) it has in the base recipe") from None
 
 
+# Bounds on what one recipe may expand to: a hand-written recipe has a few hundred values, while a few lines of
+# YAML aliases ("billion laughs") or a base: list repeated at every level can ask for billions.
+MAX_RECIPE_NODES = 20_000  # mappings, lists and scalars of one file (or override) with every alias expanded
+MAX_RECIPE_DEPTH = 64  # nesting of mappings and lists
+MAX_BASE_DEPTH = 32  # base: chains
+
+
+def _check_size(data: Any, where: str) -> None:
+    """Count ``data``'s nodes as omegaconf will copy them (an alias counts once per use), stopping at the
+    bounds; each distinct node is visited once, so a bomb is refused in time proportional to its text."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: Any, depth: int) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise RecipeError("a YAML alias refers to a node that contains it", where=where,
+                              fix="remove the recursive alias (*name inside &name)")
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"nested deeper than {MAX_RECIPE_DEPTH} levels", where=where, fix="flatten the recipe")
+        open_nodes.add(id(node))
+        total = 1
+        for child in node.values() if isinstance(node, dict) else node:
+            total += size(child, depth + 1)
+            if total > MAX_RECIPE_NODES:
+                raise RecipeError(
+                    f"expands to more than {MAX_RECIPE_NODES} values (each YAML alias repeats what it points to)",
+                    where=where, fix="write the recipe out without nested anchors/aliases")
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(data, 0)
+
+
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", fix="check the path (recipes live in recipes/)")
@@ -229,22 +267,37 @@ def _read_yaml(path: Path) -> DictConfig:
         raise RecipeError(f"invalid YAML{line}: {problem}", where=str(path), fix="fix the YAML syntax") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe: {exc}", where=str(path)) from None
+    except RecursionError:
+        raise RecipeError(f"nested deeper than {MAX_RECIPE_DEPTH} levels", where=str(path), fix="flatten the recipe") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping of keys", where=str(path), fix="start the file with 'name: ...'")
+    _check_size(data, str(path))
     try:
         return OmegaConf.create(data)
     except OmegaConfBaseException as exc:
         raise RecipeError(f"cannot parse recipe: {exc}", where=str(path)) from None
 
 
-def _load_with_bases(path: Path, stack: tuple[Path, ...]) -> DictConfig:
+def _load_with_bases(path: Path, stack: tuple[Path, ...], loaded: dict[Path, DictConfig]) -> DictConfig:
+    """``path`` merged over its bases. ``loaded`` holds every file already read in this load (with its own
+    bases merged), so a base named many times, at any depth, is read and merged up once: a recipe that names
+    the same base twice at each of 22 levels costs 22 loads, not 2^22."""
     path = path.resolve()
     if path in stack:
         chain = " -> ".join(p.name for p in (*stack, path))
         raise RecipeError(f"inheritance cycle: {chain}", where=str(path), fix="remove one of the 'base:' entries")
-    cfg = _read_yaml(path)
+    if path in loaded:
+        return loaded[path]
+    if len(stack) >= MAX_BASE_DEPTH:
+        raise RecipeError(f"more than {MAX_BASE_DEPTH} levels of base: recipes", where=str(path),
+                          fix="shorten the chain of base: recipes")
+    loaded[path] = _merge_bases(path, _read_yaml(path), stack, loaded)
+    return loaded[path]
+
+
+def _merge_bases(path: Path, cfg: DictConfig, stack: tuple[Path, ...], loaded: dict[Path, DictConfig]) -> DictConfig:
     bases = cfg.pop("base", None)
     if bases is None:
         return cfg
@@ -263,7 +316,7 @@ def _load_with_bases(path: Path, stack: tuple[Path, ...]) -> DictConfig:
                 where=f"{path}: base",
                 fix=f"paths are relative to {path.parent}",
             )
-        merged = merge(merged, _load_with_bases(base_path, (*stack, path)))
+        merged = merge(merged, _load_with_bases(base_path, (*stack, path), loaded))
     return merge(merged, cfg)
 
 
@@ -298,6 +351,13 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
     for o in overrides:
         if "=" not in o:
             raise RecipeError(f"override '{o}' is not key=value", fix="write overrides like trainer.max_steps=100")
+        key, _, value = o.partition("=")
+        try:  # a value is YAML too: bound its aliases before omegaconf expands them
+            _check_size(yaml.safe_load(value), key)
+        except yaml.YAMLError:
+            pass  # reported by from_dotlist below, with its usual message
+        except RecursionError:
+            raise RecipeError(f"nested deeper than {MAX_RECIPE_DEPTH} levels", where=key) from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except yaml.YAMLError as exc:
@@ -326,7 +386,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
     """Read a recipe with its bases, apply overrides, check it against the schema and the registries.
 
     Imports nothing: load the plugins first (:func:`segrouter.registry.load_plugins`)."""
-    raw = _load_with_bases(Path(path), ())
+    raw = _load_with_bases(Path(path), (), {})
     if overrides:
         raw = merge(raw, _parse_overrides(overrides))
     _reject_resolvers(OmegaConf.to_container(raw, resolve=False))
