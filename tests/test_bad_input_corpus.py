@@ -335,7 +335,7 @@ RANGE = [
     (["checkpoint.mode=maximum"], "checkpoint.mode"),
     (["data.prompt=segment it"], "data.prompt"),
     (["data.answer=it is"], "data.answer"),
-    (["trainer.strategy=deepspeed_stage_9"], "unknown DeepSpeed strategy"),
+    (["trainer.strategy=deepspeed_stage_9"], "trainer.strategy: unknown value 'deepspeed_stage_9'"),
     # incompatible dimensions
     (["data.dataset.image_size=48"], "differs from model.image_size"),
     (["model.image_size=48", "data.dataset.image_size=32"], "differs from model.image_size"),

@@ -185,3 +185,91 @@ def test_a_very_long_base_chain_is_refused(tmp_path: Path, capsys: pytest.Captur
     _check(["fit", "--recipe", str(tmp_path / "chain0.yaml"), f"output_dir={tmp_path / 'runs'}"], capsys,
            "more than 32 levels of base: recipes")
     assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# values the types accept but Lightning/torch reject: refused at validation, before any folder exists
+
+OUT_OF_RANGE = [  # (override, key named in the error)
+    ("trainer.max_steps=-5", "trainer.max_steps"),
+    ("trainer.max_epochs=-2", "trainer.max_epochs"),
+    ("trainer.val_check_interval=0", "trainer.val_check_interval"),
+    ("trainer.val_check_interval=-3", "trainer.val_check_interval"),
+    ("trainer.val_check_interval=1.5", "trainer.val_check_interval"),
+    ("trainer.val_check_interval=abc", "trainer.val_check_interval"),
+    ("trainer.limit_train_batches=-1", "trainer.limit_train_batches"),
+    ("trainer.limit_val_batches=2.5", "trainer.limit_val_batches"),
+    ("trainer.limit_test_batches=[1]", "trainer.limit_test_batches"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    ("trainer.gradient_clip_val=-1.0", "trainer.gradient_clip_val"),
+    ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
+    ("trainer.num_sanity_val_steps=-2", "trainer.num_sanity_val_steps"),
+    ("trainer.num_nodes=0", "trainer.num_nodes"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("trainer.devices=-3", "trainer.devices"),
+    ("trainer.devices=many", "trainer.devices"),
+    ("trainer.devices=[]", "trainer.devices"),
+    ("trainer.accelerator=gpux", "trainer.accelerator"),
+    ("trainer.precision=8-mixed", "trainer.precision"),
+    ("trainer.strategy=ddp_magic", "trainer.strategy"),
+    ("trainer.strategy=deepspeed_stage_9", "trainer.strategy"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.batch_size=-4", "data.batch_size"),
+    ("data.eval_batch_size=0", "data.eval_batch_size"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.lr=-1e-3", "optim.lr"),
+    ("optim.lr=nan", "optim.lr"),
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio"),
+    ("optim.betas=[0.9,1.0]", "optim.betas"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("checkpoint.save_top_k=-2", "checkpoint.save_top_k"),
+    ("checkpoint.every_n_train_steps=0", "checkpoint.every_n_train_steps"),
+    ("metrics.flops_batches=-1", "metrics.flops_batches"),
+    ("seed=-1", "seed"),
+    ("seed=99999999999", "seed"),
+    ("model.image_size=0", "model.image_size"),
+    ("model.num_mask_tokens=0", "model.num_mask_tokens"),
+    ("model.loss.dice_weight=-1", "model.loss.dice_weight"),
+    ("model.lora.dropout=1.0", "model.lora.dropout"),
+    ("model.lora.alpha=0", "model.lora.alpha"),
+    ("model.llm.num_layers=0", "model.llm.num_layers"),
+    ("model.llm.num_heads=0", "model.llm.num_heads"),
+    ("model.llm.hidden_size=0", "model.llm.hidden_size"),
+    ("model.llm.intermediate_size=0", "model.llm.intermediate_size"),
+    ("model.llm.num_kv_heads=0", "model.llm.num_kv_heads"),
+    ("model.llm.num_kv_heads=3", "model.llm.num_kv_heads"),
+    ("model.llm.rope_theta=0", "model.llm.rope_theta"),
+    ("model.vision_encoder.depth=0", "model.vision_encoder.depth"),
+    ("model.vision_encoder.patch_size=0", "model.vision_encoder.patch_size"),
+    ("model.vision_encoder.num_heads=0", "model.vision_encoder.num_heads"),
+    ("model.vision_encoder.num_heads=3", "model.vision_encoder.num_heads"),
+    ("model.mask_decoder.embed_dim=0", "model.mask_decoder.embed_dim"),
+    ("model.mask_decoder.upscale=0", "model.mask_decoder.upscale"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("override", "key"), OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])
+def test_out_of_range_values_fail_at_validation(override: str, key: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    line = _check(["fit", "--recipe", TINY, f"output_dir={tmp_path / 'runs'}", override], capsys, f"{key}: ", limit_s=10)
+    assert "allowed: " in line or "use one of: " in line or "divisible" in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override", ["trainer.max_steps=-1", "trainer.max_steps=0", "trainer.devices=auto",
+                                      "trainer.devices=[0]", "trainer.val_check_interval=0.5",
+                                      "trainer.limit_val_batches=0", "checkpoint.save_top_k=-1",
+                                      "trainer.precision=bf16-mixed", "trainer.strategy=ddp",
+                                      "trainer.max_epochs=null", "model.llm.num_kv_heads=1"])
+def test_values_lightning_accepts_still_validate(override: str) -> None:
+    from segrouter.recipe import load_recipe
+    from segrouter.registry import load_builtins
+
+    load_builtins()
+    load_recipe(TINY, [override])

@@ -11,6 +11,7 @@ against its registered constructor (see :mod:`segrouter.registry`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import string
 import typing
@@ -163,6 +164,130 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The values a recipe key allows beyond its type: ``ok(value)`` and the range in words for the error."""
+
+    ok: typing.Callable[[Any], bool]
+    text: str
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _int(lo: int, hi: int | None = None, *, also: tuple[Any, ...] = ()) -> Rule:
+    text = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    return Rule(lambda v: any(v is a or v == a and _is_int(v) for a in also)
+                or (_is_int(v) and v >= lo and (hi is None or v <= hi)),
+                " or ".join([*(repr(a) if a is not None else "null" for a in also), text]))
+
+
+def _real(lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+          also: tuple[Any, ...] = ()) -> Rule:
+    if hi is None:
+        text = f"a number {'>' if lo_open else '>='} {lo}"
+    else:
+        text = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return Rule(lambda v: v in also if v is None else (
+        _is_real(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))),
+        " or ".join([*("null" for a in also if a is None), text]))
+
+
+def _count_or_fraction(lo: int, *, fraction_lo_open: bool) -> Rule:
+    """Lightning's batch counts: null, an integer (batches) or a float fraction of an epoch."""
+    frac = "(0.0, 1.0]" if fraction_lo_open else "[0.0, 1.0]"
+    return Rule(lambda v: v is None or (_is_int(v) and v >= lo) or (
+        isinstance(v, float) and (0.0 < v if fraction_lo_open else 0.0 <= v) and v <= 1.0),
+        f"null, an integer >= {lo} (batches) or a float in {frac} (fraction of an epoch)")
+
+
+def _devices(v: Any) -> bool:
+    """Lightning's ``devices``: 'auto', -1 (all), a count >= 1, or device indices (a list, or "0,1")."""
+    if _is_int(v):
+        return v >= 1 or v == -1
+    if isinstance(v, str):
+        v = v.replace(" ", "")
+        return v in ("auto", "-1") or (bool(re.fullmatch(r"\d+(,\d+)*,?", v)) and v != "0")
+    return isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_is_int(d) and d >= 0 for d in v)
+
+
+# Value ranges of the fixed keys, checked at validation so that a value Lightning or torch would reject fails
+# before anything is built or written (often they reject it only after the run folder exists).
+RANGES: dict[str, Rule] = {
+    "seed": _int(0, 2**32 - 1),
+    "model.image_size": _int(1),
+    "model.num_mask_tokens": _int(1),
+    "model.loss.ce_weight": _real(0),
+    "model.loss.bce_weight": _real(0),
+    "model.loss.dice_weight": _real(0),
+    "model.lora.r": _int(1),
+    "model.lora.alpha": _real(0, lo_open=True),
+    "model.lora.dropout": _real(0, 1, hi_open=True),
+    "data.batch_size": _int(1),
+    "data.eval_batch_size": _int(1),
+    "data.num_workers": _int(0),
+    "optim.lr": _real(0, lo_open=True),
+    "optim.weight_decay": _real(0),
+    "optim.warmup_steps": _int(0),
+    "optim.min_lr_ratio": _real(0, 1),
+    "trainer.devices": Rule(_devices, "'auto', -1, an integer >= 1, or a list of device indices >= 0"),
+    "trainer.num_nodes": _int(1),
+    "trainer.max_steps": _int(0, also=(-1,)),
+    "trainer.max_epochs": _int(0, also=(None, -1)),
+    "trainer.accumulate_grad_batches": _int(1),
+    "trainer.gradient_clip_val": _real(0, also=(None,)),
+    "trainer.val_check_interval": _count_or_fraction(1, fraction_lo_open=True),
+    "trainer.check_val_every_n_epoch": _int(1, also=(None,)),
+    "trainer.log_every_n_steps": _int(1),
+    "trainer.limit_train_batches": _count_or_fraction(0, fraction_lo_open=False),
+    "trainer.limit_val_batches": _count_or_fraction(0, fraction_lo_open=False),
+    "trainer.limit_test_batches": _count_or_fraction(0, fraction_lo_open=False),
+    "trainer.num_sanity_val_steps": _int(0, also=(-1,)),
+    "checkpoint.save_top_k": _int(0, also=(-1,)),
+    "checkpoint.every_n_train_steps": _int(1, also=(None,)),
+    "metrics.flops_batches": _int(0),
+}
+
+
+def _lightning_choices() -> dict[str, tuple[str, ...]]:
+    """The names Lightning accepts for the string-valued trainer keys (asked of Lightning itself)."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+
+    from segrouter.training.trainer import DEEPSPEED_STAGES  # the DeepSpeed stages segrouter configures itself
+
+    precisions = [str(a) for lit in typing.get_args(_PRECISION_INPUT) for a in typing.get_args(lit)]
+    strategies = [s for s in StrategyRegistry.available_strategies() if not s.startswith("deepspeed")]
+    return {
+        "trainer.accelerator": ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())),
+        "trainer.precision": tuple(dict.fromkeys(precisions)),
+        "trainer.strategy": ("auto", *strategies, *DEEPSPEED_STAGES),
+    }
+
+
+def validate_ranges(cfg: DictConfig) -> None:
+    """Every key of :data:`RANGES` within its range, and the string trainer keys among Lightning's names."""
+    for key, rule in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if not rule.ok(value):
+            shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+            raise RecipeError(f"{shown!r} is out of range", where=key, fix=f"allowed: {rule.text}")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas):
+        raise RecipeError(f"{list(betas)!r} is out of range", where="optim.betas", fix="allowed: two numbers in [0, 1)")
+    for key, choices in _lightning_choices().items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise RecipeError(f"unknown value {value!r}{did_you_mean(value, choices)}", where=key,
+                              fix=f"use one of: {', '.join(choices)}")
 
 
 COMPONENT_PATHS = (*(f"model.{k}" for k in MODEL_COMPONENTS), "model.mask_encoder", "data.dataset")
@@ -411,6 +536,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
             if isinstance(item, (DictConfig, ListConfig)):
                 raise RecipeError(f"expected a list of {item_type.__name__}, got an item {OmegaConf.to_container(item)!r}",
                                   where=key, fix="fix the value's type")
+    validate_ranges(cfg)
     validate_components(cfg)
     return cfg
 
@@ -439,10 +565,8 @@ def validate_components(cfg: DictConfig) -> None:
         raise RecipeError(f"unknown control '{cfg.metrics.control}'{did_you_mean(cfg.metrics.control, CONTROLS)}",
                           where="metrics.control", fix=f"use one of: {', '.join(CONTROLS)} (or null)")
     lora = cfg.model.lora
-    if lora.enabled and (lora.r < 1 or not lora.targets):
-        raise RecipeError("LoRA needs r >= 1 and at least one target module", where="model.lora", fix="e.g. r: 8, targets: [q_proj, v_proj]")
-    if cfg.model.num_mask_tokens < 1:
-        raise RecipeError("must be >= 1", where="model.num_mask_tokens")
+    if lora.enabled and not lora.targets:
+        raise RecipeError("LoRA needs at least one target module", where="model.lora.targets", fix="e.g. targets: [q_proj, v_proj]")
     for key, allowed in (("prompt", {"expression"}), ("answer", {"mask_tokens", "target"})):
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(cfg.data[key]) if f is not None}
@@ -460,8 +584,6 @@ def validate_components(cfg: DictConfig) -> None:
                           where="data.answer", fix="put {target} after {mask_tokens}, e.g. 'it is {mask_tokens} {target}'")
     if cfg.optim.scheduler not in ("cosine", "constant"):
         raise RecipeError(f"unknown scheduler '{cfg.optim.scheduler}'", where="optim.scheduler", fix="use cosine or constant")
-    if cfg.checkpoint.every_n_train_steps is not None and cfg.checkpoint.every_n_train_steps < 1:
-        raise RecipeError("must be >= 1 (or null: last.ckpt at validation only)", where="checkpoint.every_n_train_steps")
     if cfg.checkpoint.mode not in ("min", "max"):
         raise RecipeError(f"mode must be min or max, got '{cfg.checkpoint.mode}'", where="checkpoint.mode")
 
