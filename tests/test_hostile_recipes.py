@@ -17,6 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _imported() -> None:
+    """Pay torch/transformers/Lightning's import time once, outside the timed CLI calls."""
+    from segrouter.recipe import _lightning_choices
+    from segrouter.registry import load_builtins
+
+    load_builtins()
+    _lightning_choices()
+
+
 def _check(argv: list[str], capsys: pytest.CaptureFixture[str], fragment: str, limit_s: float = 5.0) -> str:
     """Run the CLI in-process; assert exit 2, one error line holding ``fragment``, within ``limit_s``."""
     capsys.readouterr()
@@ -273,3 +283,42 @@ def test_values_lightning_accepts_still_validate(override: str) -> None:
 
     load_builtins()
     load_recipe(TINY, [override])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a run folder that cannot be created: one line before anything is built
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+@pytest.mark.parametrize("case", ["output_dir_is_a_file", "name_is_a_file", "file_above", "unwritable"])
+def test_output_dir_that_cannot_hold_a_run(case: str, command: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    fragment = "output_dir: "
+    if case == "output_dir_is_a_file":
+        out = blocker
+    elif case == "name_is_a_file":
+        out = tmp_path / "runs"
+        out.mkdir()
+        (out / "tiny").write_text("not a folder")
+    elif case == "file_above":
+        out = blocker / "deeper" / "runs"
+    else:
+        if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses new folders even to root
+            out = Path("/sys/segrouter_runs")
+        else:
+            out = tmp_path / "locked"
+            out.mkdir()
+            out.chmod(0o555)
+        fragment = "is not writable"
+    argv = [command, "--recipe", TINY, f"output_dir={out}"]
+    if command == "validate":  # evaluation writes a new version folder too; give it a checkpoint to get there
+        ckpt = tmp_path / "some.ckpt"
+        ckpt.write_bytes(b"")
+        argv += ["--ckpt", str(ckpt)]
+    before = sorted(tmp_path.rglob("*"))
+    _check(argv, capsys, fragment)
+    assert sorted(tmp_path.rglob("*")) == before
