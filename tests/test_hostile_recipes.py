@@ -322,3 +322,80 @@ def test_output_dir_that_cannot_hold_a_run(case: str, command: str, tmp_path: Pa
     before = sorted(tmp_path.rglob("*"))
     _check(argv, capsys, fragment)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# plugins that misbehave: one line and exit 2, never a traceback or a silent exit 0
+
+BAD_PLUGIN_FILES = {
+    "int_name": ("from segrouter.registry import register\n@register('routing', 3)\nclass R:\n    pass\n",
+                 "routing name 3 is not a non-empty string"),
+    "empty_name": ("from segrouter.registry import register\n@register('routing', '')\nclass R:\n    pass\n",
+                   "routing name '' is not a non-empty string"),
+    "exit_0": ("import sys\nsys.exit(0)\n", "SystemExit"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PLUGIN_FILES))
+def test_bad_plugin_file(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text, fragment = BAD_PLUGIN_FILES[case]
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / f"bad_{case}.py").write_text(text)
+    line = _check(["list", "--plugins", str(plugins)], capsys, fragment)
+    assert f"bad_{case}.py" in line
+
+
+CHECK_RAISES = '''
+from segrouter.registry import register
+from segrouter.routing.full import FullRouting
+
+
+@register("routing", "picky_{tag}")
+class Picky(FullRouting):
+    def __init__(self, *, level: int = 1) -> None:
+        super().__init__()
+
+    @staticmethod
+    def check_params(**params):
+        if params["level"] > 3:
+            raise ValueError(f"level must be <= 3, got {{params['level']}}")
+'''
+
+
+def test_check_params_raising_value_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "picky.py").write_text(CHECK_RAISES.format(tag=tmp_path.name[-8:]))
+    line = _check(["fit", "--recipe", TINY, "--plugins", str(plugins), f"output_dir={tmp_path / 'runs'}",
+                   f"model.routing.name=picky_{tmp_path.name[-8:]}", "model.routing.level=5"], capsys,
+                  "model.routing: routing 'picky_")
+    assert "level must be <= 3, got 5" in line
+    assert not (tmp_path / "runs").exists()
+
+
+EP_MODULE = {
+    "raises": "raise RuntimeError('broken at import')\n",
+    "exits_0": "import sys\nsys.exit(0)\n",
+    "function_exits_0": "import sys\n\ndef setup():\n    sys.exit(0)\n",
+    "function_raises": "def setup():\n    raise KeyError('missing')\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EP_MODULE))
+def test_entry_point_that_raises_or_exits(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    module = f"segrouter_test_ep_{case}_{tmp_path.name[-8:]}".replace("-", "_")
+    (tmp_path / f"{module}.py").write_text(EP_MODULE[case])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    value = f"{module}:setup" if case.startswith("function") else module
+    ep = importlib.metadata.EntryPoint(name=case, value=value, group="segrouter.plugins")
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: [ep] if kw.get("group") == "segrouter.plugins" else real(**kw))
+    for argv in (["list"], ["fit", "--recipe", TINY, f"output_dir={tmp_path / 'runs'}"]):
+        line = _check(argv, capsys, f"plugin entry point '{case}' ({value}) failed to load")
+        assert ("SystemExit" if "exit" in case else "Error") in line
+    assert not (tmp_path / "runs").exists()

@@ -94,6 +94,10 @@ class Registry:
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
+        if not isinstance(name, str) or not name.strip():  # a recipe can only name it with a string
+            raise SegrouterError(f"{self.kind} name {name!r} is not a non-empty string",
+                                 fix=f'register it as @register("{self.kind}", "my_name")')
+
         def deco(factory: Any) -> Any:
             old = self._entries.get(name)
             if old is not None and old.factory is not factory and _qualname(old.factory) != _qualname(factory):
@@ -161,7 +165,11 @@ class Registry:
                 )
         check = getattr(entry.factory, "check_params", None)
         if callable(check):  # value ranges, so that a recipe fails at validation, before anything is built
-            check(**{**{n: p.default for n, p in params.items() if not p.required}, **kwargs})
+            try:
+                check(**{**{n: p.default for n, p in params.items() if not p.required}, **kwargs})
+            except ValueError as exc:  # a plugin may reject values the Python way rather than with RecipeError
+                raise RecipeError(f"{self.kind} '{entry.name}' rejects these values: {exc}", where=where,
+                                  fix="fix the values (its check_params raised ValueError)") from None
         return entry, kwargs
 
     def build(self, node: Mapping[str, Any], *context: Any, where: str | None = None) -> Any:
@@ -215,9 +223,11 @@ def load_plugin_file(path: Path) -> None:
     sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
-    except SegrouterError:
+    except SegrouterError as exc:  # e.g. a name registered twice: say which file did it
         del sys.modules[mod_name]
-        raise
+        if exc.where:
+            raise
+        raise type(exc)(exc.what, where=f"plugin file {path}", fix=exc.fix) from None
     except (Exception, SystemExit) as exc:  # a broken plugin must not look like a framework crash (or exit)
         del sys.modules[mod_name]
         raise SegrouterError(
@@ -237,13 +247,15 @@ def load_plugins(extra_dirs: Iterable[str | Path] = ()) -> None:
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
-        except Exception as exc:
+            if callable(obj) and not inspect.isclass(obj):
+                obj()
+        except SegrouterError:
+            raise
+        except (Exception, SystemExit) as exc:  # sys.exit(0) in a plugin must not make every command "succeed"
             raise SegrouterError(
                 f"plugin entry point '{ep.name}' ({ep.value}) failed to load: {type(exc).__name__}: {exc}",
                 fix="fix or uninstall the package that declares it",
             ) from exc
-        if callable(obj) and not inspect.isclass(obj):
-            obj()
     dirs = [*default_plugin_dirs()]
     for d in extra_dirs:
         p = Path(d)
