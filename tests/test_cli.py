@@ -118,7 +118,7 @@ def test_model_summary_prints_no_flops_it_did_not_count(tmp_path: Path, monkeypa
         (["fit", "--recipe", TINY, "trainer.max_stepz=3"], "did you mean 'max_steps'"),
         (["fit", "--recipe", TINY, "model.llm.num_heads=3"], "hidden_size 32 is not divisible by num_heads 3"),
         (["fit", "--recipe", TINY, "data.dataset.image_size=48"], "differs from model.image_size"),
-        (["fit", "--recipe", TINY, "trainer.strategy=deepspeed_stage_9"], "unknown DeepSpeed strategy"),
+        (["fit", "--recipe", TINY, "trainer.strategy=deepspeed_stage_9"], "trainer.strategy: unknown value 'deepspeed_stage_9'"),
         (["validate", "--recipe", TINY, "output_dir=/nonexistent/runs"], "no checkpoint found for recipe 'tiny'"),
         (["test", "--recipe", TINY, "--ckpt", "missing.ckpt"], "checkpoint not found: missing.ckpt"),
         (["fit", "--recipe", TINY, "--plugins", "/no/such/dir"], "plugin folder /no/such/dir does not exist"),

@@ -9,11 +9,12 @@ from omegaconf import OmegaConf
 
 from segrouter.errors import RecipeError, SegrouterError
 from segrouter.recipe import load_recipe, save_recipe
-from segrouter.registry import load_builtins
+from segrouter.registry import load_builtins, load_plugins
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 load_builtins()
+load_plugins()  # the repository's plugins/ (fastv): load_recipe itself never imports code
 
 
 def _write(path: Path, text: str) -> Path:

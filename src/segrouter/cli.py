@@ -79,13 +79,14 @@ def _prepare(args: argparse.Namespace) -> Any:
 
 def cmd_fit(args: argparse.Namespace) -> None:
     from segrouter.build import build
-    from segrouter.runs import find_resume, next_version
+    from segrouter.runs import check_output_dir, find_resume, next_version
     from segrouter.training.trainer import build_trainer
 
     cfg = _prepare(args)
     if args.ckpt and not args.resume:
         raise SegrouterError("--ckpt on fit needs --resume", fix="add --resume to continue training from that checkpoint")
     version, ckpt = find_resume(cfg, args.ckpt or "last") if args.resume else (None, None)
+    check_output_dir(cfg)
     if version is None:
         version = next_version(cfg)
     model, data = build(cfg, init_weights=not args.resume)
@@ -103,13 +104,14 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from segrouter.build import build
     from segrouter.checkpoints import load_weights
-    from segrouter.runs import find_eval_checkpoint, next_version
+    from segrouter.runs import check_output_dir, find_eval_checkpoint, next_version
     from segrouter.training.trainer import build_trainer
 
     if args.control:
         args.overrides.append(f"metrics.control={args.control}")
     cfg = _prepare(args)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
+    check_output_dir(cfg)  # evaluation logs into a new version folder
     model, data = build(cfg)
     sharded = Path(ckpt).is_dir()  # DeepSpeed's checkpoint folder: only its strategy can read it
     if not sharded:

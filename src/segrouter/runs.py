@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -65,3 +66,21 @@ def find_eval_checkpoint(cfg: DictConfig, ckpt: str | None) -> str:
         f"no checkpoint found for recipe '{cfg.name}' under {cfg.output_dir}",
         fix="pass --ckpt PATH or run 'segrouter fit' first",
     )
+
+
+def check_output_dir(cfg: DictConfig) -> None:
+    """Fail in one line, before anything is built, when the run folder ``{output_dir}/{name}`` cannot be
+    created: a file stands on its path, or the nearest existing folder above it is not writable (asked by
+    creating and removing an empty probe folder there: permission bits say nothing for root or read-only
+    mounts)."""
+    target = Path(cfg.output_dir) / cfg.name
+    existing = next(p for p in (target, *target.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise SegrouterError(f"{existing} is a file, so the run folder {target} cannot be created",
+                             where="output_dir", fix="set output_dir=DIR to a folder (or move the file)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".segrouter-probe-", dir=existing))
+    except OSError as exc:
+        raise SegrouterError(f"cannot create the run folder {target}: {existing} is not writable "
+                             f"({exc.strerror or type(exc).__name__})",
+                             where="output_dir", fix="set output_dir=DIR to a folder you can write") from None
