@@ -79,6 +79,11 @@ class RoutingStrategy(nn.Module):
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def initial_state(self) -> str:
+        """What this strategy computes while its own parameters keep their initialisation, as when it is applied
+        to a checkpoint trained without them (``segrouter test --training-free``); asked only when it has some."""
+        return ""
+
 
 class SeededStrategy(RoutingStrategy):
     """A strategy that draws random numbers (random token dropping, token routing's random-assignment control).

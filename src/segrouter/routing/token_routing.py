@@ -192,6 +192,18 @@ class TokenRouting(SeededStrategy):
                 nn.init.zeros_(self.scorers[str(i)].weight)
                 nn.init.zeros_(self.scorers[str(i)].bias)
 
+    def initial_state(self) -> str:
+        what = "whole-layer update" if self.whole_layer else "FFN update"
+        if self.zero_update:
+            routed = f"no projectors (projector: zero): routed image tokens get no {what}"
+        else:
+            source = {"nearest": "its nearest proxy's", "weighted": "its nearest proxies' weighted",
+                      "random": "a random proxy's"}[self.assignment]
+            routed = f"the projectors' output layers are zero: each routed image token takes {source} {what} unchanged"
+        if self.proxy_rule == "score":
+            routed += "; the scorers are zero: the proxies are the grid's, their updates unscaled"
+        return routed
+
     # ------------------------------------------------------------------------------------ proxies
     def _proxy_count(self, n_image: torch.Tensor) -> torch.Tensor:
         if self.num_proxies is None:
@@ -236,7 +248,8 @@ class TokenRouting(SeededStrategy):
         p_slot = gather(slot, p_idx)  # each proxy's row in the FFN pack (proxies always run the FFN)
         if self.assignment == "random":  # control: any proxy of the sample, wherever it lies
             draw = self.rand(*r_idx.shape, p_idx.shape[1], device=r_idx.device).masked_fill(~p_ok[:, None, :], -1.0)
-            return _Plan(ffn_active, f_idx, f_ok, weight, r_idx=r_idx, r_ok=r_ok, source=gather(p_slot, draw.argmax(-1)))
+            return _Plan(ffn_active, f_idx, f_ok, weight, r_idx=r_idx, r_ok=r_ok,
+                         source=gather(p_slot, draw.argmax(dim=-1)))
         d2 = torch.cdist(gather(seq.coords, r_idx), gather(seq.coords, p_idx)).square()
         d2 = d2.masked_fill(~p_ok[:, None, :], float("inf"))
         if self.assignment == "nearest":
