@@ -139,14 +139,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def training_free_note(model: Any, fresh: list[str], ckpt: str) -> str:
-    """One line: which of ``model``'s tensors are not in ``ckpt`` and what they compute at their initialisation."""
+    """One line: which of ``model``'s tensors are not in ``ckpt`` (by module, e.g. ``routing.projectors (8)``), and
+    what they compute at their initialisation."""
     if not fresh:
         return f"every tensor comes from {ckpt} (routing '{model.cfg.model.routing.name}' adds none)"
-    parts: dict[str, int] = {}
+    groups: dict[str, dict[str, int]] = {}  # top-level part -> module -> tensors
     for key in fresh:
-        parts[key.split(".", 1)[0]] = parts.get(key.split(".", 1)[0], 0) + 1
-    said = [f"{part} ({n}): " + (model.routing.initial_state() if part == "routing" else "as a fresh model builds them")
-            for part, n in parts.items()]
+        names = key.split(".")
+        module = ".".join(names[:2]) if len(names) > 2 else names[0]
+        groups.setdefault(names[0], {})[module] = groups.get(names[0], {}).get(module, 0) + 1
+    said = [", ".join(f"{m} ({n})" for m, n in modules.items()) + ": "
+            + (model.routing.initial_state() if part == "routing" else "as a fresh model builds them")
+            for part, modules in groups.items()]
     return f"{len(fresh)} tensors are not in {ckpt} and keep their initialisation — {'; '.join(said)}"
 
 
