@@ -97,12 +97,21 @@ def test_partial_and_missing_runs_are_shown_not_fatal(runs: dict[str, Path]) -> 
 def test_markdown_and_table_formats(runs: dict[str, Path]) -> None:
     md = compare([runs["full"], runs["fastv"]], fmt="markdown").splitlines()
     assert len(md) == 4 and all(line.startswith("| ") and line.endswith(" |") for line in md)
-    assert md[0].startswith("| run | recipe | compressor | routing | control | visual tokens | LLM FLOPs | FLOPs ratio")
+    assert md[0].startswith("| run | recipe | compressor | routing | control | training-free | visual tokens | LLM FLOPs "
+                            "| FLOPs ratio")
     assert "---:" in md[1] and "| 2G |" in md[2] and "| 0.800 |" in md[3] and "| 0.6000 |" in md[2]
     table = compare([runs["full"], runs["fastv"]]).splitlines()
     assert table[0].startswith("run") and set(table[1]) <= {"-", " "} and "1.6G" in table[3]
     with pytest.raises(SegrouterError, match="unknown format 'html'"):
         compare([runs["full"]], fmt="html")  # type: ignore[arg-type]
+
+
+def test_a_training_free_evaluation_says_so(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "runs" / "tr" / "version_0", "tr", routing="token_routing", rows=[_val(0, 0.3, 1e9)])
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    (run / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "metrics": {"training_free": True}}))
+    rows = _csv(compare([runs["full"], run, runs["no_metrics"]], fmt="csv"))
+    assert [r["training-free"] for r in rows] == ["", "yes", ""]
 
 
 def test_plot_is_written(runs: dict[str, Path], tmp_path: Path) -> None:

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--control", choices=CONTROLS,
                        help="evaluate with the LLM's visual tokens shuffled across the batch or zeroed "
                             "(sets metrics.control; metrics are logged under the usual names)")
+        p.add_argument("--training-free", action="store_true",
+                       help="apply this recipe's method to --ckpt, trained without it (e.g. a full model): "
+                            "parameters the checkpoint lacks keep their initialisation (sets metrics.training_free)")
     bench.add_parser(sub)
     predict.add_parser(sub)
     consolidate.add_parser(sub)
@@ -83,6 +86,9 @@ def cmd_fit(args: argparse.Namespace) -> None:
     from segrouter.training.trainer import build_trainer
 
     cfg = _prepare(args)
+    if cfg.metrics.training_free:
+        raise SegrouterError("metrics.training_free describes an evaluation, not a training run",
+                             fix="start a fine-tune from a checkpoint with init_from=PATH instead")
     if args.ckpt and not args.resume:
         raise SegrouterError("--ckpt on fit needs --resume", fix="add --resume to continue training from that checkpoint")
     version, ckpt = find_resume(cfg, args.ckpt or "last") if args.resume else (None, None)
@@ -109,16 +115,45 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.control:
         args.overrides.append(f"metrics.control={args.control}")
+    if args.training_free:
+        args.overrides.append("metrics.training_free=true")
     cfg = _prepare(args)
+    training_free = bool(cfg.metrics.training_free)
+    if training_free and not args.ckpt:
+        raise SegrouterError("--training-free needs --ckpt", fix="name the checkpoint trained without this recipe's "
+                             "method, e.g. --ckpt runs/full/version_0/checkpoints/last.ckpt")
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
     check_output_dir(cfg)  # evaluation logs into a new version folder
     model, data = build(cfg)
     sharded = Path(ckpt).is_dir()  # DeepSpeed's checkpoint folder: only its strategy can read it
-    if not sharded:
-        load_weights(model, ckpt)  # a checkpoint of another recipe fails here, in one line, before any run folder
+    if not sharded or training_free:  # a checkpoint of another recipe fails here, in one line, before any run folder
+        fresh = load_weights(model, ckpt, allow_missing=True)
+        if fresh and not training_free:
+            raise SegrouterError(
+                f"checkpoint {ckpt} does not fit the recipe ({len(fresh)} of its model's tensors are not in it, "
+                f"e.g. {fresh[0]})", fix="pass the recipe (and overrides) it was trained with, or add --training-free "
+                "to evaluate this recipe's method on it with those tensors at their initialisation")
+        if training_free:
+            print(f"segrouter: training-free: {training_free_note(model, fresh, ckpt)}", file=sys.stderr)
     trainer = build_trainer(cfg, version=next_version(cfg))
     run = trainer.validate if args.command == "validate" else trainer.test
     run(model, datamodule=data, ckpt_path=ckpt if sharded else None)
+
+
+def training_free_note(model: Any, fresh: list[str], ckpt: str) -> str:
+    """One line: which of ``model``'s tensors are not in ``ckpt`` (by module, e.g. ``routing.projectors (8)``), and
+    what they compute at their initialisation."""
+    if not fresh:
+        return f"every tensor comes from {ckpt} (routing '{model.cfg.model.routing.name}' adds none)"
+    groups: dict[str, dict[str, int]] = {}  # top-level part -> module -> tensors
+    for key in fresh:
+        names = key.split(".")
+        module = ".".join(names[:2]) if len(names) > 2 else names[0]
+        groups.setdefault(names[0], {})[module] = groups.get(names[0], {}).get(module, 0) + 1
+    said = [", ".join(f"{m} ({n})" for m, n in modules.items()) + ": "
+            + (model.routing.initial_state() if part == "routing" else "as a fresh model builds them")
+            for part, modules in groups.items()]
+    return f"{len(fresh)} tensors are not in {ckpt} and keep their initialisation — {'; '.join(said)}"
 
 
 def cmd_list(args: argparse.Namespace) -> None:

@@ -147,6 +147,9 @@ class MetricsConfig:
     # evaluation-time control on the LLM's visual tokens: shuffle (another sample's, rolled across the batch)
     # or zero; null for none. Set by `segrouter validate/test --control`.
     control: str | None = None
+    # this evaluation applies the recipe's method to a checkpoint trained without it (a dense `full` model): its
+    # new parameters keep their initialisation. Set by `segrouter validate/test --training-free`.
+    training_free: bool = False
 
 
 @dataclass
