@@ -1,5 +1,5 @@
-"""Reliability: same seed → same metrics; a non-finite loss stops the run with a clear message and keeps
-the last good checkpoint; checkpoints load with weights_only."""
+"""Reliability: same seed → same metrics; a non-finite loss or update stops the run with a clear message and
+keeps the last good checkpoint (never one with non-finite weights); checkpoints load with weights_only."""
 
 from __future__ import annotations
 
@@ -76,6 +76,66 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(
     assert "non-finite loss (nan) at global step 3" in err[0]
     assert last.read_bytes() == before  # the last good checkpoint is untouched
     assert torch.load(last, weights_only=True)["global_step"] == 2
+
+
+POISON_GRAD = """
+import os
+
+import torch
+from segrouter.registry import register
+from segrouter.routing.full import FullRouting
+
+
+@register("routing", "poison_grad_at")
+class PoisonGradAt(FullRouting):
+    \"\"\"Full routing whose gradient turns NaN at the N-th training forward (N from $POISON_GRAD_AT_CALL): the
+    loss of that step is finite, the update it makes is not.\"\"\"
+
+    def forward(self, llm, seq):
+        out = super().forward(llm, seq)
+        if self.training:
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == int(os.environ.get("POISON_GRAD_AT_CALL", "0")):
+                out.register_hook(lambda g: g * float("nan"))
+        return out
+"""
+
+
+def _all_finite(ckpt: dict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_blown_up_update_is_never_saved_as_the_last_good_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the issue's case: lr=1e4 makes an update non-finite; the loss sees it one step later, after a save
+    out = f"output_dir={tmp_path}"
+    assert main(["fit", "--recipe", TINY, out, "name=lr1e4", "trainer.max_steps=30", "trainer.val_check_interval=30",
+                 "checkpoint.every_n_train_steps=1", "optim.lr=1e4"]) == 2
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("segrouter:")]
+    assert len(ours) == 1 and "non-finite weights after global step" in ours[0], ours
+    assert _all_finite(torch.load(tmp_path / "lr1e4" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True))
+
+    # the update of step 3 is NaN (its loss is not): last.ckpt stays at step 2, and a resume finishes the run
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "poison_grad.py").write_text(POISON_GRAD)
+    fit = ["fit", "--recipe", TINY, out, "--plugins", str(plugins), "model.routing.name=poison_grad_at",
+           "trainer.max_steps=6", "checkpoint.every_n_train_steps=1"]
+    monkeypatch.setenv("POISON_GRAD_AT_CALL", "3")
+    assert main(fit) == 2
+    assert "non-finite weights after global step 3" in capsys.readouterr().err
+    last = tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 2 and _all_finite(ckpt)
+    monkeypatch.setenv("POISON_GRAD_AT_CALL", "0")
+    monkeypatch.delenv("SEGROUTER_RUN_VERSION", raising=False)
+    assert main([*fit, "--resume", "optim.lr=5e-4"]) == 0
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 6 and _all_finite(ckpt)
+    # the resumed run trained with the lower rate the command gave, not the one saved with the optimiser
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 5e-4
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [5e-4]
 
 
 def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:

@@ -313,3 +313,19 @@ class SegmentationMLLM(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """On ``fit --resume`` the recipe's ``optim.lr``, ``weight_decay`` and ``betas`` replace those saved with
+        the optimiser: resuming with a lower ``optim.lr`` is how a run that blew up is continued, and the saved
+        state would silently restore the old rate. The schedule's progress (warm-up, cosine) is kept."""
+        o = self.cfg.optim
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                base = group.get("initial_lr", group["lr"])
+                group["lr"] = group["lr"] * (o.lr / base) if base else o.lr
+                group["initial_lr"] = o.lr
+                group["weight_decay"] = o.weight_decay
+                group["betas"] = tuple(o.betas)
+        for sched in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in sched:
+                sched["base_lrs"] = [o.lr] * len(sched["base_lrs"])

@@ -9,21 +9,37 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig
 
-from segrouter.errors import RecipeError
+from segrouter.errors import RecipeError, SegrouterError
 from segrouter.recipe import save_recipe
 
 DEEPSPEED_STAGES = {"deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
 
 
+def check_weights_finite(trainer: L.Trainer) -> None:
+    """Stop the run, before a checkpoint is written, when an update has made a weight NaN or infinite.
+
+    A blown-up update is seen by the loss check only at the next step's forward; a checkpoint written in
+    between would hold the poisoned weights as the run's "last good" state, and a resume would fail at once."""
+    finite = all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
+    if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+        raise SegrouterError(
+            f"non-finite weights after global step {trainer.global_step}",
+            fix="lower optim.lr or enable trainer.gradient_clip_val; the last good checkpoint is kept",
+        )
+
+
 def save_atomically(trainer: L.Trainer, filepath: str, weights_only: bool = False) -> None:
     """Write to a temporary file and rename it into place, so a run killed mid-save never leaves a truncated
-    checkpoint behind (DeepSpeed's sharded checkpoint directories are written as they are)."""
+    checkpoint behind (DeepSpeed's sharded checkpoint directories are written as they are). Non-finite
+    weights are never written (:func:`check_weights_finite`)."""
+    check_weights_finite(trainer)
     if isinstance(trainer.strategy, L.pytorch.strategies.DeepSpeedStrategy):
         trainer.save_checkpoint(filepath, weights_only)
         return
