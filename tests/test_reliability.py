@@ -1,5 +1,6 @@
 """Reliability: same seed → same metrics; a non-finite loss or update stops the run with a clear message and
-keeps the last good checkpoint (never one with non-finite weights); checkpoints load with weights_only."""
+keeps the last good checkpoint (never one with non-finite weights); checkpoints load with weights_only;
+SIGKILL, SIGTERM and SIGINT leave a run that resumes (the signals: one line, exit code 143/130)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,101 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     assert w_whole.keys() == w_res.keys()
     assert all(torch.equal(w_whole[k], w_res[k]) for k in w_whole), "resumed weights differ"
     assert m_whole == m_res
+
+
+MARKER = """
+import os
+import time
+from pathlib import Path
+
+from segrouter.registry import register
+from segrouter.routing.full import FullRouting
+
+MARKS = Path(os.environ["MARK_DIR"])
+(MARKS / "imported").touch()  # start-up: the plugins load before the recipe is validated and the model built
+
+
+@register("routing", "mark_phase")
+class MarkPhase(FullRouting):
+    \"\"\"Full routing that leaves $MARK_DIR/training at each training forward, and $MARK_DIR/validating at the
+    first validation forward, which then waits a second (time for the signal to arrive mid-validation).\"\"\"
+
+    def forward(self, llm, seq):
+        if self.training:
+            (MARKS / "training").touch()
+        elif not (MARKS / "validating").exists():
+            (MARKS / "validating").touch()
+            time.sleep(1)
+        return super().forward(llm, seq)
+"""
+
+
+def _signalled_fit(tmp_path: Path, mark: str, signum: int, *extra: str) -> tuple[int, str]:
+    """``segrouter fit`` in a child process, sent ``signum`` once $MARK_DIR/``mark`` exists: (exit code, stderr)."""
+    marks, plugins = tmp_path / "marks", tmp_path / "plugins"
+    plugins.mkdir(exist_ok=True)
+    (plugins / "marker.py").write_text(MARKER)
+    marks.mkdir(exist_ok=True)
+    for old in marks.iterdir():
+        old.unlink()
+    env = {**os.environ, "MARK_DIR": str(marks)}
+    env.pop("SEGROUTER_RUN_VERSION", None)
+    cmd = [sys.executable, "-m", "segrouter.cli", "fit", "--recipe", TINY, "--plugins", str(plugins),
+           f"output_dir={tmp_path}", "model.routing.name=mark_phase", *extra]
+    with open(tmp_path / "stderr.txt", "w") as err, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                                                       stderr=err) as proc:
+        deadline = time.monotonic() + 300
+        while not (marks / mark).exists():
+            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no {mark} mark after 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        try:
+            code = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return code, (tmp_path / "stderr.txt").read_text()
+
+
+def _one_line(stderr: str) -> str:
+    ours = [line for line in stderr.splitlines() if line.startswith("segrouter:")]
+    assert len(ours) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return ours[0]
+
+
+@pytest.mark.parametrize(("signum", "code", "phase"), [
+    (signal.SIGTERM, 143, "training"), (signal.SIGINT, 130, "training"), (signal.SIGTERM, 143, "validating")])
+def test_a_signal_during_fit_saves_a_resumable_checkpoint_and_exits_non_zero(
+    tmp_path: Path, signum: int, code: int, phase: str
+) -> None:
+    # no validation before step 1000 while training; one at step 3 (in which the signal comes) otherwise.
+    # every_n_train_steps: the resumed run, too short to validate, writes last.ckpt at its final step
+    vci = 1000 if phase == "training" else 3
+    fit = ["trainer.max_steps=1000", f"trainer.val_check_interval={vci}", "checkpoint.every_n_train_steps=1000"]
+    rc, stderr = _signalled_fit(tmp_path, phase, signum, *fit)
+    line = _one_line(stderr)
+    assert rc == code and f"interrupted by {signal.Signals(signum).name}; stopped after global step" in line, line
+    run = tmp_path / "tiny" / "version_0"
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert step >= 1 and f"global step {step};" in line
+    if phase == "validating":  # the validation the signal came in finished: its row and best checkpoint are kept
+        assert step == 3 and (run / "checkpoints" / "best-3.ckpt").exists()
+        assert any(r.get("val/ciou") for r in _rows(run))
+    if signum == signal.SIGTERM:
+        env = {**os.environ, "MARK_DIR": str(tmp_path / "marks")}
+        env.pop("SEGROUTER_RUN_VERSION", None)
+        resumed = subprocess.run([sys.executable, "-m", "segrouter.cli", "fit", "--recipe", TINY, "--resume",
+                                  "--plugins", str(tmp_path / "plugins"), f"output_dir={tmp_path}",
+                                  "model.routing.name=mark_phase", *fit, f"trainer.max_steps={step + 1}"],
+                                 env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step + 1
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    rc, stderr = _signalled_fit(tmp_path, "imported", signal.SIGINT)
+    assert rc == 130 and _one_line(stderr) == "segrouter: interrupted by SIGINT", stderr[-3000:]
+    # the seconds-long imports (torch, Lightning) run inside main(), under its handlers, not before it
+    probe = "import sys, segrouter.cli; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout == "[]\n"
