@@ -140,6 +140,42 @@ def test_a_blown_up_update_is_never_saved_as_the_last_good_checkpoint(
     assert ckpt["lr_schedulers"][0]["base_lrs"] == [5e-4]
 
 
+def _files(root: Path) -> dict[Path, bytes]:
+    return {f: f.read_bytes() for f in root.rglob("*") if f.is_file()}
+
+
+def test_resume_checks_the_checkpoint_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = f"output_dir={tmp_path}"
+    for name in ("a", "b"):
+        monkeypatch.delenv("SEGROUTER_RUN_VERSION", raising=False)
+        assert main(["fit", "--recipe", TINY, out, f"name={name}"]) == 0
+    empty = tmp_path / "empty" / "version_0" / "checkpoints" / "last.ckpt"
+    empty.parent.mkdir(parents=True)
+    empty.touch()
+    before = _files(tmp_path)
+    a_last = str(tmp_path / "a" / "version_0" / "checkpoints" / "last.ckpt")
+    for extra, fragment in [
+        (["name=b", "--ckpt", a_last], "was saved by a run of recipe 'a', not 'b'"),
+        (["name=a", "--ckpt", a_last, "model.llm.hidden_size=48"], "does not fit the recipe"),
+        (["name=empty"], "cannot read weights"),
+    ]:
+        monkeypatch.delenv("SEGROUTER_RUN_VERSION", raising=False)
+        capsys.readouterr()
+        assert main(["fit", "--recipe", TINY, out, "--resume", *extra]) == 2
+        ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("segrouter:")]
+        assert len(ours) == 1 and fragment in ours[0], (extra, ours)
+        assert _files(tmp_path) == before, extra  # no run was written to, none created
+
+    # on request, another recipe's checkpoint continues as a new run of this one; the runs there are untouched
+    monkeypatch.delenv("SEGROUTER_RUN_VERSION", raising=False)
+    assert main(["fit", "--recipe", TINY, out, "name=b", "--resume", "--ckpt", a_last, "--other-recipe",
+                 "trainer.max_steps=4"]) == 0
+    assert torch.load(tmp_path / "b" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert {f: b for f, b in _files(tmp_path).items() if "version_1" not in f.parts} == before
+
+
 def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
     assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}"]) == 0
     ckpt = torch.load(tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(fit)
     fit.add_argument("--resume", action="store_true", help="resume from --ckpt, or from this recipe's newest last.ckpt")
     fit.add_argument("--ckpt", help="checkpoint to resume from (with --resume)")
+    fit.add_argument("--other-recipe", action="store_true",
+                     help="with --resume --ckpt: continue a checkpoint saved by another recipe (name) as a new run of "
+                          "this one (its architecture must still fit)")
     for name in ("validate", "test"):
         p = sub.add_parser(name, help=f"evaluate a checkpoint on the {'val' if name == 'validate' else 'test'} split")
         _common(p)
@@ -84,16 +87,21 @@ def _prepare(args: argparse.Namespace) -> Any:
 
 def cmd_fit(args: argparse.Namespace) -> None:
     from segrouter.build import build
+    from segrouter.checkpoints import check_resumable
     from segrouter.runs import find_resume, next_version
     from segrouter.training.trainer import build_trainer
 
     cfg = _prepare(args)
     if args.ckpt and not args.resume:
         raise SegrouterError("--ckpt on fit needs --resume", fix="add --resume to continue training from that checkpoint")
+    if args.other_recipe and not args.ckpt:
+        raise SegrouterError("--other-recipe needs --resume --ckpt PATH", fix="name the checkpoint to continue")
     version, ckpt = find_resume(cfg, args.ckpt or "last") if args.resume else (None, None)
+    model, data = build(cfg, init_weights=not args.resume)
+    if ckpt is not None:  # before anything is written: a checkpoint that cannot be resumed stops here, in one line
+        check_resumable(model, ckpt, cfg.name, other_recipe=args.other_recipe)
     if version is None:
         version = next_version(cfg)
-    model, data = build(cfg, init_weights=not args.resume)
     trainer = build_trainer(cfg, version=version)
     trainer.fit(model, datamodule=data, ckpt_path=ckpt)
     log_dir = trainer.log_dir  # a collective under DDP: every rank must ask

@@ -31,13 +31,17 @@ def next_version(cfg: DictConfig) -> int:
 
 
 def find_resume(cfg: DictConfig, ckpt: str) -> tuple[int | None, str]:
-    """(version to continue logging in, checkpoint path) for ``--resume [CKPT]``."""
+    """(version to continue logging in, checkpoint path) for ``--resume [CKPT]``. A checkpoint from this recipe's
+    own run folder (``{output_dir}/{name}/version_N/checkpoints/``) continues that run; from anywhere else
+    (another run, a copy) there is no version to continue (None: a fresh one), so nothing of another run is
+    written to."""
     if ckpt != "last":
         path = Path(ckpt)
         if not path.exists():
             raise SegrouterError(f"checkpoint not found: {ckpt}", fix="pass an existing .ckpt to --resume")
-        m = re.search(r"version_(\d+)", str(path.resolve().parent.parent.name))
-        return (int(m.group(1)) if m else None), str(path)
+        run = path.resolve().parent.parent
+        own = run.parent == (Path(cfg.output_dir) / cfg.name).resolve() and re.fullmatch(r"version_\d+", run.name)
+        return (int(run.name.split("_")[1]) if own else None), str(path)
     for v in reversed(versions(cfg)):
         last = v / "checkpoints" / "last.ckpt"
         if last.exists():
