@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from segrouter.errors import RecipeError, did_you_mean
+from segrouter.metric_names import monitorable
 from segrouter.registry import load_plugins, registry
 
 MODEL_COMPONENTS: dict[str, str] = {
@@ -369,6 +370,10 @@ def validate_components(cfg: DictConfig) -> None:
         raise RecipeError(f"unknown scheduler '{cfg.optim.scheduler}'", where="optim.scheduler", fix="use cosine or constant")
     if cfg.checkpoint.every_n_train_steps is not None and cfg.checkpoint.every_n_train_steps < 1:
         raise RecipeError("must be >= 1 (or null: last.ckpt at validation only)", where="checkpoint.every_n_train_steps")
+    monitor = cfg.checkpoint.monitor
+    if monitor is not None and monitor not in monitorable():
+        raise RecipeError(f"no metric '{monitor}' is logged{did_you_mean(monitor, monitorable())}",
+                          where="checkpoint.monitor", fix=f"use one of: {', '.join(monitorable())} (or null)")
     if cfg.checkpoint.mode not in ("min", "max"):
         raise RecipeError(f"mode must be min or max, got '{cfg.checkpoint.mode}'", where="checkpoint.mode")
 

@@ -27,6 +27,7 @@ from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 from segrouter.compressors.base import VisualTokens
 from segrouter.errors import SegrouterError
 from segrouter.flops import count_flops
+from segrouter.metric_names import EVAL_IOU, EVAL_MEANS, EVAL_RANGE
 from segrouter.metrics import CIoU, GIoU
 from segrouter.model.losses import bce_loss, dice_loss
 from segrouter.model.sequence import build_sequence
@@ -127,15 +128,14 @@ class SegmentationMLLM(L.LightningModule):
         self.mask_token_ids = [int(i) for i in tokenizer.convert_tokens_to_ids(mask_token_names(int(m.num_mask_tokens)))]
         self.loss_w = m.loss
         self.eval_metrics = nn.ModuleDict(
-            {s: MetricCollection({"giou": GIoU(), "ciou": CIoU()}, prefix=f"{s}/") for s in SPLITS}
+            {s: MetricCollection(dict(zip(EVAL_IOU, (GIoU(), CIoU()), strict=True)), prefix=f"{s}/") for s in SPLITS}
         )
         self.eval_means = nn.ModuleDict(
-            {s: nn.ModuleDict({k: MeanMetric() for k in ("visual_tokens", "llm_flops", "latency_ms", "name_acc")})
-             for s in SPLITS}
+            {s: nn.ModuleDict({k: MeanMetric() for k in EVAL_MEANS}) for s in SPLITS}
         )
         # adaptive compressors vary the count per image: its spread over the split, next to the mean
         self.eval_token_range = nn.ModuleDict(
-            {s: nn.ModuleDict({"visual_tokens_min": MinMetric(), "visual_tokens_max": MaxMetric()}) for s in SPLITS}
+            {s: nn.ModuleDict(dict(zip(EVAL_RANGE, (MinMetric(), MaxMetric()), strict=True))) for s in SPLITS}
         )
         self._step_start = 0.0
 
