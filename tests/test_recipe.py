@@ -156,3 +156,10 @@ def test_checkpoint_monitor_must_name_a_logged_metric(tmp_path: Path) -> None:
                  "checkpoint.mode=min", "metrics.flops_batches=1", "data.eval_batch_size=2"]) == 0
     with open(tmp_path / "tiny" / "version_0" / "metrics.csv") as f:
         assert set(monitorable()) <= set(next(csv.reader(f)))
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "/abs", "..", "a\\b", ""])
+def test_a_run_name_is_one_folder_name(name: str) -> None:
+    load_builtins()
+    with pytest.raises(RecipeError, match=r"^name: .* is not a folder name"):  # else runs land outside output_dir
+        load_recipe(RECIPES / "tiny.yaml", [f"name='{name}'"])

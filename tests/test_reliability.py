@@ -176,6 +176,29 @@ def test_resume_checks_the_checkpoint_before_anything_is_written(
     assert {f: b for f, b in _files(tmp_path).items() if "version_1" not in f.parts} == before
 
 
+def test_a_fresh_run_never_reuses_a_run_folder_and_an_empty_ckpt_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segrouter.errors import SegrouterError
+    from segrouter.recipe import load_recipe
+    from segrouter.registry import load_builtins
+    from segrouter.runs import find_eval_checkpoint, find_resume, next_version
+
+    load_builtins()
+    cfg = load_recipe(TINY, [f"output_dir={tmp_path}"])
+    ckpts = tmp_path / "tiny" / "version_0" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").touch()
+    (ckpts / "best-2.ckpt").touch()
+    monkeypatch.setenv("SEGROUTER_RUN_VERSION", "0")  # left over in the shell, e.g. from a DDP launch
+    assert next_version(cfg) == 1
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP rank started by the launching process takes its number
+    assert next_version(cfg) == 1 and os.environ["SEGROUTER_RUN_VERSION"] == "1"
+    for find in (find_eval_checkpoint, find_resume):  # '--ckpt "$UNSET"' must not mean "the default checkpoint"
+        with pytest.raises(SegrouterError, match="--ckpt is empty"):
+            find(cfg, "")
+
+
 def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
     assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}"]) == 0
     ckpt = torch.load(tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)

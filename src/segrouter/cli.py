@@ -92,11 +92,11 @@ def cmd_fit(args: argparse.Namespace) -> None:
     from segrouter.training.trainer import build_trainer
 
     cfg = _prepare(args)
-    if args.ckpt and not args.resume:
+    if args.ckpt is not None and not args.resume:
         raise SegrouterError("--ckpt on fit needs --resume", fix="add --resume to continue training from that checkpoint")
     if args.other_recipe and not args.ckpt:
         raise SegrouterError("--other-recipe needs --resume --ckpt PATH", fix="name the checkpoint to continue")
-    version, ckpt = find_resume(cfg, args.ckpt or "last") if args.resume else (None, None)
+    version, ckpt = find_resume(cfg, "last" if args.ckpt is None else args.ckpt) if args.resume else (None, None)
     model, data = build(cfg, init_weights=not args.resume)
     if ckpt is not None:  # before anything is written: a checkpoint that cannot be resumed stops here, in one line
         check_resumable(model, ckpt, cfg.name, other_recipe=args.other_recipe)

@@ -337,7 +337,10 @@ def _typed_lists(cls: type, prefix: str = "") -> list[tuple[str, type]]:
 
 
 def validate_components(cfg: DictConfig) -> None:
-    """Check every component node against its registry (names, parameters, types)."""
+    """Check every component node against its registry (names, parameters, types), and the other values."""
+    if cfg.name in ("", ".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name:
+        raise RecipeError(f"'{cfg.name}' is not a folder name", where="name",
+                          fix="runs go to {output_dir}/{name}/: give a name without '/', '\\' or '..' (e.g. my_run)")
     for key, kind in MODEL_COMPONENTS.items():
         registry(kind).validate(OmegaConf.to_container(cfg.model[key]), where=f"model.{key}")
     if cfg.model.mask_encoder is not None:
