@@ -24,6 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from segrouter.errors import RecipeError, did_you_mean
+from segrouter.metric_names import monitorable
 from segrouter.registry import check_recipe_plugins, registry
 
 MODEL_COMPONENTS: dict[str, str] = {
@@ -558,7 +559,10 @@ def _typed_lists(cls: type, prefix: str = "") -> list[tuple[str, type]]:
 
 
 def validate_components(cfg: DictConfig) -> None:
-    """Check every component node against its registry (names, parameters, types)."""
+    """Check every component node against its registry (names, parameters, types), and the other values."""
+    if cfg.name in ("", ".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name:
+        raise RecipeError(f"'{cfg.name}' is not a folder name", where="name",
+                          fix="runs go to {output_dir}/{name}/: give a name without '/', '\\' or '..' (e.g. my_run)")
     for key, kind in MODEL_COMPONENTS.items():
         registry(kind).validate(OmegaConf.to_container(cfg.model[key]), where=f"model.{key}")
     if cfg.model.mask_encoder is not None:
@@ -587,6 +591,10 @@ def validate_components(cfg: DictConfig) -> None:
                           where="data.answer", fix="put {target} after {mask_tokens}, e.g. 'it is {mask_tokens} {target}'")
     if cfg.optim.scheduler not in ("cosine", "constant"):
         raise RecipeError(f"unknown scheduler '{cfg.optim.scheduler}'", where="optim.scheduler", fix="use cosine or constant")
+    monitor = cfg.checkpoint.monitor
+    if monitor is not None and monitor not in monitorable():
+        raise RecipeError(f"no metric '{monitor}' is logged{did_you_mean(monitor, monitorable())}",
+                          where="checkpoint.monitor", fix=f"use one of: {', '.join(monitorable())} (or null)")
     if cfg.checkpoint.mode not in ("min", "max"):
         raise RecipeError(f"mode must be min or max, got '{cfg.checkpoint.mode}'", where="checkpoint.mode")
 

@@ -22,8 +22,11 @@ def versions(cfg: DictConfig) -> list[Path]:
 
 
 def next_version(cfg: DictConfig) -> int:
-    """A fresh version number, fixed once per launch so DDP ranks write to the same folder."""
-    if _VERSION_ENV in os.environ:
+    """A fresh version number, fixed once per launch so DDP ranks write to the same folder: the processes
+    Lightning starts for local ranks > 0 take it from the launching process's environment; the launching
+    process always picks a new one (a stale ``SEGROUTER_RUN_VERSION`` must not send a fresh run into an
+    existing folder)."""
+    if _VERSION_ENV in os.environ and int(os.environ.get("LOCAL_RANK") or 0) > 0:
         return int(os.environ[_VERSION_ENV])
     existing = versions(cfg)
     v = int(existing[-1].name.split("_")[1]) + 1 if existing else 0
@@ -31,14 +34,25 @@ def next_version(cfg: DictConfig) -> int:
     return v
 
 
+def _not_empty(ckpt: str) -> None:
+    """``--ckpt ""`` (an unset shell variable) is an error, not a request for the default checkpoint."""
+    if not ckpt.strip():
+        raise SegrouterError("--ckpt is empty", fix="pass a checkpoint path, or leave --ckpt out for the default")
+
+
 def find_resume(cfg: DictConfig, ckpt: str) -> tuple[int | None, str]:
-    """(version to continue logging in, checkpoint path) for ``--resume [CKPT]``."""
+    """(version to continue logging in, checkpoint path) for ``--resume [CKPT]``. A checkpoint from this recipe's
+    own run folder (``{output_dir}/{name}/version_N/checkpoints/``) continues that run; from anywhere else
+    (another run, a copy) there is no version to continue (None: a fresh one), so nothing of another run is
+    written to."""
+    _not_empty(ckpt)
     if ckpt != "last":
         path = Path(ckpt)
         if not path.exists():
             raise SegrouterError(f"checkpoint not found: {ckpt}", fix="pass an existing .ckpt to --resume")
-        m = re.search(r"version_(\d+)", str(path.resolve().parent.parent.name))
-        return (int(m.group(1)) if m else None), str(path)
+        run = path.resolve().parent.parent
+        own = run.parent == (Path(cfg.output_dir) / cfg.name).resolve() and re.fullmatch(r"version_\d+", run.name)
+        return (int(run.name.split("_")[1]) if own else None), str(path)
     for v in reversed(versions(cfg)):
         last = v / "checkpoints" / "last.ckpt"
         if last.exists():
@@ -52,7 +66,8 @@ def find_resume(cfg: DictConfig, ckpt: str) -> tuple[int | None, str]:
 
 def find_eval_checkpoint(cfg: DictConfig, ckpt: str | None) -> str:
     """``--ckpt`` if given, else the newest run's best checkpoint (or its last)."""
-    if ckpt:
+    if ckpt is not None:
+        _not_empty(ckpt)
         if not Path(ckpt).exists():
             raise SegrouterError(f"checkpoint not found: {ckpt}", fix="pass an existing .ckpt to --ckpt")
         return ckpt
