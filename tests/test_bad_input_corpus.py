@@ -335,7 +335,7 @@ RANGE = [
     (["checkpoint.mode=maximum"], "checkpoint.mode"),
     (["data.prompt=segment it"], "data.prompt"),
     (["data.answer=it is"], "data.answer"),
-    (["trainer.strategy=deepspeed_stage_9"], "unknown DeepSpeed strategy"),
+    (["trainer.strategy=deepspeed_stage_9"], "trainer.strategy: unknown value 'deepspeed_stage_9'"),
     # incompatible dimensions
     (["data.dataset.image_size=48"], "differs from model.image_size"),
     (["model.image_size=48", "data.dataset.image_size=32"], "differs from model.image_size"),
@@ -502,8 +502,8 @@ def test_plugin_that_raises_on_import(case: str, where: str, run_root: Path, tmp
     (plugins / f"broken_{case}.py").write_text(text)
     if where == "flag":
         argv = ["fit", "--recipe", TINY, "--plugins", str(plugins), f"output_dir={run_root}"]
-    else:
-        argv = ["fit", "--recipe", TINY, f"output_dir={run_root}", f"plugins=[{plugins}]"]
+    else:  # a recipe's plugins: list, opted into on the command line (a recipe alone never imports code)
+        argv = ["fit", "--recipe", TINY, "--plugins", str(plugins), f"output_dir={run_root}", f"plugins=[{plugins}]"]
     _check(argv, capsys, fragment)
 
 

@@ -68,6 +68,8 @@ CASES = [
     ({"name": "pdrop"}, [N, T + 32, T + 16, T + 8]),  # boundaries 1, 2, 3; keep 1/2, 1/4, 1/8
     ({"name": "mod"}, [N, T + 32, N, T + 32]),  # layers 1 and 3 routed, capacity 0.5
     ({"name": "mod", "route_layers": "all", "capacity": 0.25}, [T + 16] * 4),
+    ({"name": "random"}, [N, N, T + 32, T + 32]),  # k=2, keep=0.5: FastV's count, no ranking work
+    ({"name": "random", "k": 0, "keep": 0.25}, [T + 16] * 4),
 ]
 
 
@@ -97,6 +99,7 @@ def test_flops_drop_as_configured(quickstart_llm: torch.nn.Module, node: dict[st
         {"name": "fastv", "ratio": 0.0, "rank_by": "last_instruction"},
         {"name": "pdrop", "keep": [1.0, 1.0, 1.0]},
         {"name": "mod", "capacity": 1.0, "alpha": 0.0, "route_layers": "all"},
+        {"name": "random", "k": 0, "keep": 1.0},
     ],
     ids=lambda v: json.dumps(v),
 )
@@ -140,6 +143,34 @@ def test_fastv_dropped_tokens_keep_their_layer_k_state(gqa_llm: torch.nn.Module)
     torch.testing.assert_close(out[:, 0], ref[:, 0])  # [BOS] precedes every image token: unaffected
 
 
+def test_random_drop_reproduces_at_evaluation_and_varies_in_training(gqa_llm: torch.nn.Module) -> None:
+    seq = _seq(gqa_llm.hidden_size, [12, 8])
+    captured: list[torch.Tensor] = []
+    hook = gqa_llm.layers[0].register_forward_hook(lambda m, a, out: captured.append(out))
+    with torch.no_grad():
+        registry("routing").build({"name": "full"})(gqa_llm, seq)
+    hook.remove()
+    after_k = gqa_llm.norm(captured[0])  # every token's state after layer k = 1: what a dropped token keeps
+    image = seq.is_kind(Kind.IMAGE)
+    strategy = _routing({"name": "random", "k": 1, "keep": 0.5, "seed": 3}, gqa_llm)
+
+    def kept() -> torch.Tensor:
+        with torch.no_grad():
+            return image & ((strategy(gqa_llm, seq) - after_k).abs().amax(-1) > 1e-5)
+
+    strategy.eval()
+    first = kept()
+    assert first.sum(1).tolist() == [6, 4]  # ceil(keep·N) of each sample's image tokens
+    assert not torch.equal(kept(), first)  # the next batch of the same evaluation pass draws anew
+    strategy.eval()  # entering eval mode again restarts the evaluation draws: the same subsets
+    assert torch.equal(kept(), first)
+    strategy.train()
+    torch.manual_seed(0)
+    trained = kept()
+    torch.manual_seed(0)
+    assert torch.equal(kept(), trained) and not torch.equal(trained, first)  # training: the global generator
+
+
 def test_mod_router_gets_gradient_and_starts_as_unit_gate(gqa_llm: torch.nn.Module) -> None:
     strategy = _routing({"name": "mod", "capacity": 0.5, "alpha": 0.2}, gqa_llm)
     assert sorted(strategy.routers) == ["1", "3"]
@@ -161,6 +192,8 @@ def test_mod_router_gets_gradient_and_starts_as_unit_gate(gqa_llm: torch.nn.Modu
         ("routing", {"name": "pdrop", "layers": [1.5, 2, 3]}, "neither a layer index (int) nor a depth fraction"),
         ("routing", {"name": "mod", "capacity": 0.0}, "capacity 0.0 is outside (0, 1]"),
         ("routing", {"name": "mod", "route_layers": [1, 7]}, "distinct indices in [0, 3]"),
+        ("routing", {"name": "random", "keep": 0.0}, "keep 0.0 is outside (0, 1]"),
+        ("routing", {"name": "random", "k": 4}, "use 0 <= k <= 3"),
         ("compressor", {"name": "avgpool", "k": 3}, "use one of [1, 2, 4, 8]"),
         ("compressor", {"name": "tome", "r": 20, "steps": 4}, "24 tokens remain and one step merges 1 to 12"),
         ("compressor", {"name": "resampler", "num_heads": 5}, "not divisible by num_heads=5"),
@@ -216,7 +249,7 @@ def test_tome_merges_are_size_weighted() -> None:
     torch.testing.assert_close(coords[0, 1], torch.tensor([(2 * 0.2 + 0.9) / 3, (2 * 0.1 + 0.9) / 3]))
 
 
-@pytest.mark.parametrize("recipe", ["fastv", "pdrop", "mod", "avgpool", "resampler", "tome"])
+@pytest.mark.parametrize("recipe", ["fastv", "pdrop", "mod", "random", "avgpool", "resampler", "tome"])
 def test_recipe_validates_and_builds(tmp_path: Path, recipe: str) -> None:
     cfg = load_recipe(RECIPES / f"{recipe}.yaml")
     assert cfg.name == recipe

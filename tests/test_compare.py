@@ -7,13 +7,14 @@ import argparse
 import csv
 import io
 import os
-import subprocess
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from segrouter import interrupts
 from segrouter.compare import add_compare_parser, cmd_compare, compare
 from segrouter.errors import RecipeError, SegrouterError
 from segrouter.sweep import add_sweep_parser, cmd_sweep, parse_grid
@@ -97,12 +98,21 @@ def test_partial_and_missing_runs_are_shown_not_fatal(runs: dict[str, Path]) -> 
 def test_markdown_and_table_formats(runs: dict[str, Path]) -> None:
     md = compare([runs["full"], runs["fastv"]], fmt="markdown").splitlines()
     assert len(md) == 4 and all(line.startswith("| ") and line.endswith(" |") for line in md)
-    assert md[0].startswith("| run | recipe | compressor | routing | control | visual tokens | LLM FLOPs | FLOPs ratio")
+    assert md[0].startswith("| run | recipe | compressor | routing | control | training-free | visual tokens | LLM FLOPs "
+                            "| FLOPs ratio")
     assert "---:" in md[1] and "| 2G |" in md[2] and "| 0.800 |" in md[3] and "| 0.6000 |" in md[2]
     table = compare([runs["full"], runs["fastv"]]).splitlines()
     assert table[0].startswith("run") and set(table[1]) <= {"-", " "} and "1.6G" in table[3]
     with pytest.raises(SegrouterError, match="unknown format 'html'"):
         compare([runs["full"]], fmt="html")  # type: ignore[arg-type]
+
+
+def test_a_training_free_evaluation_says_so(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "runs" / "tr" / "version_0", "tr", routing="token_routing", rows=[_val(0, 0.3, 1e9)])
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    (run / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "metrics": {"training_free": True}}))
+    rows = _csv(compare([runs["full"], run, runs["no_metrics"]], fmt="csv"))
+    assert [r["training-free"] for r in rows] == ["", "yes", ""]
 
 
 def test_plot_is_written(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -135,20 +145,38 @@ def test_parse_grid_keeps_lists_whole() -> None:
         parse_grid(["optim.lr"])
 
 
+class _FakePopen:
+    """``subprocess.Popen`` for sweep tests: ``wait`` says what the fit did."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.cmd, self.env = cmd, env
+        self.signals: list[int] = []
+
+    def __enter__(self) -> _FakePopen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def send_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+
+
 def test_sweep_runs_each_grid_point_reports_failures_and_compares(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     calls: list[tuple[list[str], dict[str, str]]] = []
 
-    def fake_fit(cmd: list[str], env: dict[str, str], check: bool) -> subprocess.CompletedProcess[str]:
-        calls.append((cmd, env))
-        name = next(a.split("=", 1)[1] for a in cmd if a.startswith("name="))
-        if name.endswith("lr=0.01"):
-            return subprocess.CompletedProcess(cmd, 1)  # crashed before writing anything
-        _write_run(tmp_path / "sweep" / name / "version_0", name, rows=[_val(1, 0.3, 1e6)])
-        return subprocess.CompletedProcess(cmd, 0)
+    class FakeFit(_FakePopen):
+        def wait(self) -> int:
+            calls.append((self.cmd, self.env))
+            name = next(a.split("=", 1)[1] for a in self.cmd if a.startswith("name="))
+            if name.endswith("lr=0.01"):
+                return 143  # stopped by SIGTERM before writing anything
+            _write_run(tmp_path / "sweep" / name / "version_0", name, rows=[_val(1, 0.3, 1e6)])
+            return 0
 
-    monkeypatch.setattr("segrouter.sweep.subprocess.run", fake_fit)
+    monkeypatch.setattr("segrouter.sweep.Popen", FakeFit)
     monkeypatch.setenv("SEGROUTER_RUN_VERSION", "7")
     args = _parser().parse_args(["sweep", "--recipes", TINY, "trainer.max_steps=1", "--grid", "optim.lr=0.001,0.01",
                                  "--out", str(tmp_path / "sweep")])
@@ -159,11 +187,30 @@ def test_sweep_runs_each_grid_point_reports_failures_and_compares(
     assert {"trainer.max_steps=1", "optim.lr=0.001", f"output_dir={tmp_path / 'sweep'}", "name=tiny-lr=0.001"} <= set(first)
     assert all("SEGROUTER_RUN_VERSION" not in env for _, env in calls)
     out, err = capsys.readouterr()
-    assert "tiny-lr=0.001/version_0" in out and "tiny-lr=0.01 failed (exit code 1; no run folder)" in err
+    assert "tiny-lr=0.001/version_0" in out and "tiny-lr=0.01 failed (exit code 143; no run folder)" in err
+
+
+def test_a_signal_to_the_sweep_goes_to_the_running_fit_and_stops_the_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[_FakePopen] = []
+
+    class SignalledFit(_FakePopen):
+        def wait(self) -> int:
+            started.append(self)
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. docker stop, to the sweep's process only
+            return 143 if self.signals else 0  # the fit saved its checkpoint and exited
+
+    monkeypatch.setattr("segrouter.sweep.Popen", SignalledFit)
+    args = _parser().parse_args(["sweep", "--recipes", TINY, "--grid", "optim.lr=0.001,0.01", "--out", str(tmp_path)])
+    with interrupts.raising(), pytest.raises(interrupts.Interrupted, match="tiny-lr=0.001 stopped \\(exit code 143\\)") as exc:
+        cmd_sweep(args)
+    assert exc.value.exit_code == 143
+    assert len(started) == 1 and started[0].signals == [signal.SIGTERM]  # the next run never started
 
 
 def test_sweep_validates_everything_before_running(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("segrouter.sweep.subprocess.run", lambda *a, **k: pytest.fail("a run started"))
+    monkeypatch.setattr("segrouter.sweep.Popen", lambda *a, **k: pytest.fail("a run started"))
     args = _parser().parse_args(["sweep", "--recipes", TINY, "--grid", "optim.lrr=0.1", "--out", str(tmp_path)])
     with pytest.raises(RecipeError, match="did you mean 'lr'"):
         cmd_sweep(args)

@@ -68,6 +68,17 @@ def test_bad_image_is_one_line_exit_2(ckpt: Path, tmp_path: Path, kind: str, cap
     assert not (tmp_path / "m.png").exists()
 
 
+def test_an_output_that_is_an_input_image_is_refused(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = _image(tmp_path / "in.png")
+    before = img.read_bytes()
+    for out in (["--out", str(tmp_path / "sub" / ".." / "in.png")],
+                ["--out", str(tmp_path / "m.png"), "--overlay", str(img)]):
+        rc = main(["predict", "--recipe", TINY, "--ckpt", str(ckpt), "--image", str(img), "--text", "a", *out])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "is an input image" in err[0], err
+    assert img.read_bytes() == before and not (tmp_path / "m.png").exists()
+
+
 def test_deepspeed_checkpoint_consolidates_and_predicts(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("SEGROUTER_RUN_VERSION", None)

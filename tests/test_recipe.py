@@ -9,11 +9,12 @@ from omegaconf import OmegaConf
 
 from segrouter.errors import RecipeError, SegrouterError
 from segrouter.recipe import load_recipe, save_recipe
-from segrouter.registry import load_builtins
+from segrouter.registry import load_builtins, load_plugins
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 load_builtins()
+load_plugins()  # the repository's plugins/ (fastv): load_recipe itself never imports code
 
 
 def _write(path: Path, text: str) -> Path:
@@ -138,3 +139,28 @@ def test_bad_templates_fail_at_validation(override: str, fragment: str) -> None:
     with pytest.raises(RecipeError) as err:
         load_recipe(RECIPES / "tiny.yaml", [override])
     assert fragment in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_checkpoint_monitor_must_name_a_logged_metric(tmp_path: Path) -> None:
+    import csv
+
+    from segrouter.cli import main
+    from segrouter.metric_names import monitorable
+
+    load_builtins()
+    with pytest.raises(RecipeError) as err:  # before: trained until the first validation, then crashed unsaved
+        load_recipe(RECIPES / "tiny.yaml", ["checkpoint.monitor=val/cIoU"])
+    assert str(err.value).startswith("checkpoint.monitor: no metric 'val/cIoU' is logged (did you mean 'val/ciou'?)")
+    assert load_recipe(RECIPES / "tiny.yaml", ["checkpoint.monitor=null"]).checkpoint.monitor is None
+    # every name the check accepts is one a fit logs (latency: from validation batches whose FLOPs are not counted)
+    assert main(["fit", "--recipe", str(RECIPES / "tiny.yaml"), f"output_dir={tmp_path}", "checkpoint.monitor=val/loss",
+                 "checkpoint.mode=min", "metrics.flops_batches=1", "data.eval_batch_size=2"]) == 0
+    with open(tmp_path / "tiny" / "version_0" / "metrics.csv") as f:
+        assert set(monitorable()) <= set(next(csv.reader(f)))
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "/abs", "..", "a\\b", ""])
+def test_a_run_name_is_one_folder_name(name: str) -> None:
+    load_builtins()
+    with pytest.raises(RecipeError, match=r"^name: .* is not a folder name"):  # else runs land outside output_dir
+        load_recipe(RECIPES / "tiny.yaml", [f"name='{name}'"])

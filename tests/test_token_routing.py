@@ -80,6 +80,53 @@ def test_flops_drop_as_configured() -> None:
     assert (ratios[1.0] - ratios[0.0625]) * f_full == pytest.approx(saved - paid, rel=1e-9)
 
 
+def test_negative_controls_move_the_routed_updates_and_keep_the_ffn_work() -> None:
+    """Only the last layer routed, so every variant reaches it with the same states: text, mask tokens and
+    proxies come out the same, and a routed token's pre-norm state minus the ``projector: zero`` one is the
+    update it received — its nearest proxy's (default), a random proxy's (``assignment: random``)."""
+    llm = _llm(layers=4, d=64)
+    seq = _seq(llm)
+    common = {"insert_layer": 0, "route_layers": [3], "num_proxies": 4}
+    pre_norm: list[torch.Tensor] = []
+    hook = llm.norm.register_forward_hook(lambda m, args, out: pre_norm.append(args[0]))
+    flops, states = {}, {}
+    with torch.no_grad():
+        for name, params in {"default": {}, "random": {"assignment": "random"}, "zero": {"projector": "zero"}}.items():
+            s = _strategy(llm, **common, **params).eval()
+            _, flops[name] = count_flops(lambda s=s: s(llm, seq))
+            states[name] = pre_norm[-1]
+            if name == "random":
+                s.eval()  # evaluation draws restart: the same assignment again
+                s(llm, seq)
+                torch.testing.assert_close(pre_norm[-1], states["random"], rtol=0, atol=0)
+            if name == "zero":
+                assert len(s.projectors) == 0
+    hook.remove()
+    ffn = s.stats.as_lists()["ffn_tokens"]
+    assert ffn[3] == 37.5 + 4  # the text and mask tokens (38, 37 in the shorter sample) and 4 proxies
+    image = seq.is_kind(Kind.IMAGE) & seq.valid
+    received = {k: (v - states["zero"]) for k, v in states.items()}
+    moved = received["default"].abs().amax(-1) > 1e-6
+    routed = image & moved
+    assert routed.sum(1).tolist() == [60, 60] and not bool((moved & ~image).any())  # only routed tokens differ
+
+    def distinct(rows: torch.Tensor) -> torch.Tensor:  # rows equal up to rounding count once
+        near = (rows[:, None] - rows[None]).abs().amax(-1) < 1e-5
+        return rows[near.int().argmax(dim=1) == torch.arange(len(rows))]
+
+    proxy_updates = [distinct(received["default"][b, routed[b]]) for b in range(2)]
+    assert [len(u) for u in proxy_updates] == [4, 4]  # the nearest proxy's update, unchanged (zero-init projector)
+    for b in range(2):  # a random proxy's update: one of the sample's 4, not the nearest one for most tokens
+        got = received["random"][b, routed[b]]
+        match = (got[:, None] - proxy_updates[b][None]).abs().amax(-1) < 1e-5
+        assert bool((match.sum(-1) == 1).all())
+        same = (got - received["default"][b, routed[b]]).abs().amax(-1) < 1e-5
+        assert 0 < int(same.sum()) < 40
+    # the FFN work is the default's; random assignment skips the distances; zero skips the projector (64→16→64)
+    assert flops["random"] == pytest.approx(flops["default"], rel=1e-3)
+    assert flops["default"] - flops["zero"] == pytest.approx(2 * 60 * 2 * 64 * 16 * 2, rel=1e-3)
+
+
 def test_late_tokens_are_absent_from_early_layers() -> None:
     llm = _llm()
     seq = _seq(llm, batch=1)
@@ -129,7 +176,7 @@ def test_bench_random_init_toy_shape(tmp_path: Path) -> None:
     args = argparse.Namespace(
         recipe=str(RECIPES / "token_routing.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[],
         random_init="toy", num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1,
-        warmup=1, repeats=2, device="cpu", dtype="float32", out=str(tmp_path / "b.json"), candidate_image_tokens=None,
+        warmup=1, repeats=2, device="cpu", dtype="float32", out=str(tmp_path / "b.json"), candidate_image_tokens=None, flops_only=False,
     )
     r = run_bench(args)
     assert 0 < r["flops_ratio"] < 1 and len(r["A"]["times_s"]) == 2
@@ -139,6 +186,16 @@ def test_bench_random_init_toy_shape(tmp_path: Path) -> None:
     assert sp["min"] <= sp["q1"] <= sp["median"] <= sp["q3"] <= sp["max"]
     assert set(r["load_average"]) == {"before", "after", "cpus"} and isinstance(r["warnings"], list)
     assert "per-round speedup: median" in format_table(r)
+
+
+def test_bench_random_init_takes_list_parameters() -> None:
+    """pdrop's stage boundaries are a list in its recipe: the routing node reaches the registry as plain data."""
+    args = argparse.Namespace(
+        recipe=str(RECIPES / "pdrop.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[], random_init="toy",
+        num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1, warmup=0, repeats=1,
+        device="cpu", dtype="float32", out=None, candidate_image_tokens=None, flops_only=False,
+    )
+    assert run_bench(args)["flops_ratio"] < 1
 
 
 def test_bench_warns_when_rounds_disagree_or_the_machine_is_loaded() -> None:
@@ -155,7 +212,7 @@ def test_bench_from_recipes(tmp_path: Path) -> None:
     args = argparse.Namespace(
         recipe=str(RECIPES / "tiny.yaml"), vs=str(RECIPES / "tiny.yaml"), overrides=["model.routing.name=token_routing"],
         random_init=None, num_layers=None, batch=2, warmup=0, repeats=1, device="cpu", dtype="float32", out=None,
-        image_tokens=576, text_tokens=32, num_mask_tokens=1, candidate_image_tokens=None,
+        image_tokens=576, text_tokens=32, num_mask_tokens=1, candidate_image_tokens=None, flops_only=False,
     )
     r = run_bench(args)
     assert r["A"]["visual_tokens"] == 16 and r["flops_ratio"] < 1
@@ -169,7 +226,7 @@ def test_bench_random_init_with_a_compressors_token_count() -> None:
     args = argparse.Namespace(
         recipe=str(RECIPES / "quickstart.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[],
         random_init="toy", num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1,
-        warmup=0, repeats=1, device="cpu", dtype="float32", out=None, candidate_image_tokens=40,
+        warmup=0, repeats=1, device="cpu", dtype="float32", out=None, candidate_image_tokens=40, flops_only=False,
     )
     r = run_bench(args)
     assert (r["A"]["visual_tokens"], r["B"]["visual_tokens"]) == (40, 64)

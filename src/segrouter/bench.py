@@ -7,11 +7,17 @@ one, with the spread of the per-round speedups and the machine's load average be
 line says when either makes the ratio unreliable. ``--random-init SHAPE`` benchmarks a named real LLM shape with random weights and a LISA-like sequence
 (576 image tokens by default), so speed claims can be checked without checkpoints, on CPU or GPU;
 ``--candidate-image-tokens N`` gives recipe A a compressor's token count (e.g. superpixels) instead.
+
+``--flops-only`` (with ``--random-init``) only counts, on meta tensors (:func:`segrouter.flops.count_meta_flops`):
+the weights and hidden states have shapes but no storage, so the full depth of a 7B or 70B shape is counted in
+seconds without the tens of GB its weights would take, while the token bookkeeping (kinds, positions,
+coordinates) stays real on the CPU, so every strategy packs the tokens it would pack with real weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +33,7 @@ import torch
 
 from segrouter.compressors.base import grid_coords
 from segrouter.errors import SegrouterError
-from segrouter.flops import count_flops
+from segrouter.flops import META, count_flops, count_meta_flops
 from segrouter.llms.base import CausalLLM
 from segrouter.routing.base import Kind, RoutingStrategy, TokenSequence
 
@@ -38,6 +44,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     # LLaMA-2-7B / Vicuna-7B (LLaVA, LISA-7B): the paper-scale shape.
     "llama-7b": {"family": "llama", "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 32,
                  "intermediate_size": 11008},
+    # LLaMA-2-70B (GQA, 8 KV heads): a shape to count with --flops-only (its fp32 weights need 280 GB).
+    "llama-70b": {"family": "llama", "hidden_size": 8192, "num_layers": 80, "num_heads": 64, "num_kv_heads": 8,
+                  "intermediate_size": 28672},
     # TinyLlama-1.1B: a LLaMA shape small enough to train with AdamW on one GPU in seconds per step.
     "tinyllama-1.1b": {"family": "llama", "hidden_size": 2048, "num_layers": 22, "num_heads": 32, "num_kv_heads": 4,
                        "intermediate_size": 5632},
@@ -114,12 +123,24 @@ def measure(runs: dict[str, Callable[[], Any]], strategies: dict[str, RoutingStr
     return out
 
 
+def count_only(runs: dict[str, Callable[[], Any]], strategies: dict[str, RoutingStrategy], visual: dict[str, float],
+               routings: dict[str, str]) -> dict[str, Measured]:
+    """Count each run's FLOPs on meta tensors (no timing); ``routings`` names each run's strategy for errors."""
+    out: dict[str, Measured] = {}
+    with torch.no_grad():
+        for name, fn in runs.items():
+            flops = count_meta_flops(fn, f"{name}: routing '{routings[name]}'")
+            out[name] = Measured(flops, [], strategies[name].stats.as_lists(), visual[name])
+    return out
+
+
 def random_llm(name: str, *, num_mask_tokens: int, device: torch.device, dtype: torch.dtype,
                num_layers: int | None = None) -> tuple[CausalLLM, dict[str, Any]]:
     """A randomly initialised LLM of the named shape (and its shape), in eval mode.
 
     Its weights are created and initialised directly on ``device`` in ``dtype``: a 7B model built in fp32 on
-    the host and moved would need 28 GB of host memory and minutes of CPU initialisation.
+    the host and moved would need 28 GB of host memory and minutes of CPU initialisation. On the ``meta``
+    device it has shapes only (for counting FLOPs).
     """
     from segrouter.registry import registry
     from segrouter.text import build_tokenizer
@@ -145,7 +166,8 @@ def _random_init(args: argparse.Namespace, nodes: dict[str, dict[str, Any]], dev
                  dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy], dict[str, float], dict[str, Any]]:
     from segrouter.registry import registry
 
-    llm, shape = random_llm(args.random_init, num_mask_tokens=args.num_mask_tokens, device=device, dtype=dtype,
+    weights = META if args.flops_only else device  # flops-only: weights and hidden states without storage
+    llm, shape = random_llm(args.random_init, num_mask_tokens=args.num_mask_tokens, device=weights, dtype=dtype,
                             num_layers=args.num_layers)
     candidate = args.image_tokens if args.candidate_image_tokens is None else args.candidate_image_tokens
     visual = {"A": candidate, "B": args.image_tokens}
@@ -153,9 +175,11 @@ def _random_init(args: argparse.Namespace, nodes: dict[str, dict[str, Any]], dev
     for name, node in nodes.items():
         seq = lisa_sequence(llm.hidden_size, visual[name], args.text_tokens, args.num_mask_tokens, args.batch,
                             device, dtype)
-        strat = registry("routing").build(node, where=f"{name}: model.routing")
-        strat.setup(llm)
-        strat.to(device=device, dtype=dtype).eval()
+        seq = dataclasses.replace(seq, embeds=seq.embeds.to(weights))
+        with torch.device(weights):
+            strat = registry("routing").build(node, where=f"{name}: model.routing")
+            strat.setup(llm)
+        strat.to(device=weights, dtype=dtype).eval()
         strategies[name] = strat
         runs[name] = (lambda s=strat, q=seq: s(llm, q))
     info = {"shape": args.random_init, **shape, "image_tokens": visual, "text_tokens": args.text_tokens}
@@ -182,9 +206,12 @@ def _from_recipes(args: argparse.Namespace, cfgs: dict[str, Any], device: torch.
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from segrouter.recipe import load_recipe
+    from segrouter.recipe import component, load_recipe
 
-    device = torch.device(args.device)
+    if args.flops_only and not args.random_init:
+        raise SegrouterError("--flops-only counts a named LLM shape on meta tensors, so it needs --random-init",
+                             fix=f"add --random-init SHAPE ({', '.join(SHAPES)})")
+    device = torch.device("cpu" if args.flops_only else args.device)  # flops-only: the token bookkeeping's device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SegrouterError("--device cuda but no CUDA device is visible", fix="use --device cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -194,10 +221,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     cfgs = {"A": load_recipe(args.recipe, args.overrides), "B": load_recipe(args.vs)}
     names = {"A": cfgs["A"].name, "B": cfgs["B"].name}
     if args.random_init:
-        nodes = {k: dict(c.model.routing) for k, c in cfgs.items()}
+        nodes = {k: component(c, "model.routing") for k, c in cfgs.items()}  # plain lists, as the registry expects
         runs, strategies, visual, info = _random_init(args, nodes, device, dtype)
     else:
         runs, strategies, visual, info = _from_recipes(args, cfgs, device, dtype)
+    if args.flops_only:
+        routings = {k: str(c.model.routing.name) for k, c in cfgs.items()}
+        return _flops_result(args, names, count_only(runs, strategies, visual, routings), info)
     load_before = os.getloadavg()[0]
     m = measure(runs, strategies, visual, device, args.warmup, args.repeats)
     load_after = os.getloadavg()[0]
@@ -221,10 +251,30 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "setup": {**info, "device": _device_name(device), "dtype": args.dtype, "warmup": args.warmup,
                   "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    _write(args.out, result)
     return result
+
+
+def _flops_result(args: argparse.Namespace, names: dict[str, str], m: dict[str, Measured],
+                  info: dict[str, Any]) -> dict[str, Any]:
+    """The ``--flops-only`` result: counted FLOPs and token counts of A and B, and their ratio."""
+    result: dict[str, Any] = {
+        key: {"recipe": str(recipe), "name": names[key], "flops": m[key].flops, "visual_tokens": m[key].visual_tokens,
+              **m[key].tokens}
+        for key, recipe in (("A", args.recipe), ("B", args.vs))
+    }
+    result["flops_ratio"] = m["A"].flops / m["B"].flops
+    result["ideal_speedup"] = 1.0 / result["flops_ratio"]
+    result["setup"] = {**info, "flops_only": True, "device": "meta (token bookkeeping on cpu)", "dtype": args.dtype,
+                       "torch": torch.__version__}
+    _write(args.out, result)
+    return result
+
+
+def _write(out: str | None, result: dict[str, Any]) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
 
 
 def round_spread(speedups: list[float]) -> dict[str, float]:
@@ -259,7 +309,19 @@ def _device_name(device: torch.device) -> str:
 
 
 def format_table(r: dict[str, Any]) -> str:
-    a, b, sp, load = r["A"], r["B"], r["speedup_per_round"], r["load_average"]
+    a, b = r["A"], r["B"]
+    if r["setup"].get("flops_only"):
+        return "\n".join([
+            f"{'':<22}{'A: ' + a['name']:>24}{'B: ' + b['name']:>24}",
+            f"{'LLM GFLOPs (counted)':<22}{a['flops'] / 1e9:>24.3f}{b['flops'] / 1e9:>24.3f}",
+            f"{'visual tokens':<22}{a['visual_tokens']:>24.1f}{b['visual_tokens']:>24.1f}",
+            f"{'attn tokens/layer':<22}{_short(a['attn_tokens']):>24}{_short(b['attn_tokens']):>24}",
+            f"{'ffn tokens/layer':<22}{_short(a['ffn_tokens']):>24}{_short(b['ffn_tokens']):>24}",
+            f"FLOPs A/B = {r['flops_ratio']:.4f}   FLOP-ideal speedup = {r['ideal_speedup']:.2f}×   "
+            + "(counted on meta tensors, not timed)",
+            f"setup: {r['setup']}",
+        ])
+    sp, load = r["speedup_per_round"], r["load_average"]
     lines = [
         f"{'':<22}{'A: ' + a['name']:>24}{'B: ' + b['name']:>24}",
         f"{'LLM GFLOPs':<22}{a['flops'] / 1e9:>24.3f}{b['flops'] / 1e9:>24.3f}",
@@ -300,6 +362,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--flops-only", action="store_true",
+                   help="--random-init: only count FLOPs, on meta tensors (no weights allocated, no timing), so "
+                        "full-depth 7B/70B shapes fit anywhere")
     p.add_argument("--out", help="write the JSON result here")
     p.add_argument("--plugins", action="append", default=[], metavar="DIR")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of recipe A (the candidate)")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from segrouter.errors import SegrouterError
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from a ``.safetensors`` file or a torch file (``weights_only``: no pickled code)."""
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a ``.safetensors`` file (its tensors) or a torch file (the whole saved dict; ``weights_only``: no
+    pickled code)."""
     path = Path(path)
     if not path.is_file():
         raise SegrouterError(f"weights file not found: {path}", fix="point the recipe at a local file")
@@ -23,11 +25,21 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise SegrouterError(f"cannot read weights {path}: {type(exc).__name__}: {exc}", fix="check the file is intact") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise SegrouterError(f"{path} holds no state dict", fix="save it with torch.save(model.state_dict(), path)")
     return obj
+
+
+def state_dict_of(saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict in what :func:`read_checkpoint` read: a Lightning checkpoint's, or the file itself (keys
+    without the ``_forward_module.`` prefix of a DeepSpeed-wrapped model)."""
+    state = saved["state_dict"] if isinstance(saved.get("state_dict"), dict) else saved
+    return {k.removeprefix("_forward_module."): v for k, v in state.items()}
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``.safetensors`` file or a torch file (``weights_only``: no pickled code)."""
+    return state_dict_of(read_checkpoint(path))
 
 
 def load_weights(model: torch.nn.Module, ckpt: str | Path, *, allow_missing: bool = False,
@@ -42,7 +54,17 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path, *, allow_missing: boo
     modules to load (e.g. ``vision``, ``llm``): the rest of the checkpoint and of the model is left alone."""
     if Path(ckpt).is_dir():
         raise SegrouterError(f"{ckpt} is a sharded DeepSpeed checkpoint", fix=f"run: segrouter consolidate --ckpt {ckpt} --out model.ckpt")
-    state = {k.removeprefix("_forward_module."): v for k, v in load_state_dict(ckpt).items()}
+    state, missing = check_fits(model, load_state_dict(ckpt), ckpt, allow_missing=allow_missing, only=only,
+                                where=where, fix=fix)
+    model.load_state_dict(state, strict=False)
+    return missing
+
+
+def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], ckpt: str | Path, *, allow_missing: bool = False,
+               only: Sequence[str] = (), where: str | None = None,
+               fix: str = "pass the recipe (and overrides) the checkpoint was trained with") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Check that ``state`` (read from ``ckpt``) fits ``model`` as :func:`load_weights` describes, without loading
+    it: (the part of ``state`` to load, the model's keys it lacks)."""
     own = model.state_dict()
     if only:
         def keep(key: str) -> bool:
@@ -64,5 +86,20 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path, *, allow_missing: boo
             f"{len(unexpected)} unexpected keys, e.g. {bad}{shape})",
             where=where, fix=fix,
         )
-    model.load_state_dict(state, strict=False)
-    return missing
+    return state, missing
+
+
+def check_resumable(model: torch.nn.Module, ckpt: str | Path, recipe_name: str, *, other_recipe: bool = False) -> None:
+    """Before ``fit --resume`` writes anything: the checkpoint is readable, was saved by a run of this recipe
+    (its ``name``; ``other_recipe`` lifts this) and fits the model. DeepSpeed's sharded checkpoint folders are
+    read by their strategy only, and not checked here."""
+    if Path(ckpt).is_dir():
+        return
+    saved = read_checkpoint(ckpt)
+    name = (saved.get("hyper_parameters") or {}).get("recipe", {}).get("name")
+    if name != recipe_name and not other_recipe:
+        raise SegrouterError(f"checkpoint {ckpt} was saved by a run of recipe '{name}', not '{recipe_name}'",
+                             where="--ckpt", fix="resume with the recipe (and name=) it was trained with, or add "
+                                                 "--other-recipe to continue it as a new run of this recipe")
+    check_fits(model, state_dict_of(saved), ckpt, where="--ckpt",
+               fix="resume with the recipe (and overrides) the checkpoint was trained with")

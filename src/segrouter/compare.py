@@ -1,7 +1,10 @@
 """``segrouter compare``: finished runs side by side — accuracy, LLM FLOPs, tokens, latency — and a Pareto plot.
 
 A run trained without visual tokens (``model.blind_llm``) or evaluated with them shuffled or zeroed
-(``metrics.control``) says so in the ``control`` column, next to its ``name_acc`` (what the LLM read).
+(``metrics.control``) says so in the ``control`` column, next to its ``name_acc`` (what the LLM read). An
+evaluation of a method applied to a checkpoint trained without it (``metrics.training_free``, from
+``segrouter test --training-free``) says "yes" in the ``training-free`` column, so it is never read as a
+fine-tuned result.
 
 Each run is read from its folder alone (``recipe.yaml`` and ``metrics.csv``, see :mod:`segrouter.runs`), so
 runs from different machines, sweeps or plugin sets can be compared without rebuilding anything. A folder
@@ -45,6 +48,7 @@ class RunSummary:
     compressor: str | None = None
     routing: str | None = None
     control: str | None = None  # blind (trained without visual tokens), shuffle or zero (evaluated so)
+    training_free: bool = False  # evaluated on a checkpoint trained without its method (metrics.training_free)
     values: dict[str, float | None] = field(default_factory=dict)
     best_step: int | None = None
     notes: list[str] = field(default_factory=list)
@@ -82,7 +86,9 @@ def summarize(path: Path, metric: str = "val/ciou") -> RunSummary:
         summary.recipe = recipe.get("name")
         summary.compressor = (model.get("compressor") or {}).get("name")
         summary.routing = (model.get("routing") or {}).get("name")
-        summary.control = "blind" if model.get("blind_llm") else (recipe.get("metrics") or {}).get("control")
+        metrics = recipe.get("metrics") or {}
+        summary.control = "blind" if model.get("blind_llm") else metrics.get("control")
+        summary.training_free = bool(metrics.get("training_free"))
     except FileNotFoundError:
         summary.notes.append("missing recipe.yaml")
     except (OSError, yaml.YAMLError, AttributeError) as exc:
@@ -127,12 +133,12 @@ def _si(value: float) -> str:
 
 _COLUMNS: tuple[tuple[str, str], ...] = (  # (header, key); the key picks value and formatting
     ("run", "label"), ("recipe", "recipe"), ("compressor", "compressor"), ("routing", "routing"),
-    ("control", "control"), ("visual tokens", "visual_tokens"), ("LLM FLOPs", "llm_flops"),
-    ("FLOPs ratio", "ratio"), ("latency ms", "latency_ms"), ("val gIoU", "val/giou"), ("val cIoU", "val/ciou"),
-    ("val name acc", "val/name_acc"), ("test gIoU", "test/giou"), ("test cIoU", "test/ciou"),
+    ("control", "control"), ("training-free", "training_free"), ("visual tokens", "visual_tokens"),
+    ("LLM FLOPs", "llm_flops"), ("FLOPs ratio", "ratio"), ("latency ms", "latency_ms"), ("val gIoU", "val/giou"),
+    ("val cIoU", "val/ciou"), ("val name acc", "val/name_acc"), ("test gIoU", "test/giou"), ("test cIoU", "test/ciou"),
     ("test name acc", "test/name_acc"), ("best step", "best_step"), ("notes", "notes"),
 )
-_TEXT_KEYS = {"label", "recipe", "compressor", "routing", "control", "notes"}
+_TEXT_KEYS = {"label", "recipe", "compressor", "routing", "control", "training_free", "notes"}
 
 
 def _raw(s: RunSummary, key: str, reference: float | None) -> str | float | int | None:
@@ -140,6 +146,8 @@ def _raw(s: RunSummary, key: str, reference: float | None) -> str | float | int 
         return getattr(s, key)
     if key == "notes":
         return "; ".join(s.notes) or None
+    if key == "training_free":
+        return "yes" if s.training_free else None
     if key == "best_step":
         return s.best_step
     if key == "ratio":

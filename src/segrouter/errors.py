@@ -34,3 +34,11 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_min(where: str, minimum: int = 1, **values: int | None) -> None:
+    """Raise a :class:`RecipeError` naming ``where.key`` for the first value below ``minimum`` (``None`` is
+    skipped: "not set"). For component sizes, so that e.g. ``num_layers: 0`` fails at validation, not in torch."""
+    for key, value in values.items():
+        if value is not None and value < minimum:
+            raise RecipeError(f"{value} is out of range", where=f"{where}.{key}", fix=f"allowed: an integer >= {minimum}")

@@ -5,7 +5,8 @@ One image (``--image --text --out [--overlay]``), a JSON-lines file (``--jsonl``
 (``--folder DIR --text ... --out-dir OUT``: ``OUT/<stem>_mask.png`` and ``<stem>_overlay.png`` per image).
 Images are resized as in training (longest side + pad, see :mod:`segrouter.datasets.refcoco`); the mask
 is cropped back out of the padding and resized to the original size, so it lies on the input pixels.
-Masks are written as 8-bit PNGs, 255 = object.
+Masks are written as 8-bit PNGs, 255 = object. An output path that is one of the input images is refused
+before anything is written.
 """
 
 from __future__ import annotations
@@ -131,9 +132,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from segrouter.runs import find_eval_checkpoint
 
     jobs = _jobs(args)
+    inputs = {job.image.resolve() for job in jobs}
     for job in jobs:  # fail before the (slow) model build on a path typo
         if not job.image.is_file():
             raise DataError(f"image not found: {job.image}", fix="check the image path")
+        for out in (job.out, job.overlay):
+            if out is not None and out.resolve() in inputs:
+                raise SegrouterError(f"output {out} is an input image, which writing it would destroy",
+                                     fix="write masks and overlays to other paths")
     load_builtins()
     load_plugins(args.plugins)
     cfg = load_recipe(args.recipe, args.overrides)

@@ -1,14 +1,18 @@
 """Recipes: omegaconf YAML with ``base:`` inheritance and ``key=value`` overrides, validated up front.
 
-A recipe is data, never code: YAML is read with omegaconf's safe loader (no ``!!python`` tags) and
-interpolations are resolved without custom resolvers. Validation happens in two passes before anything is
-built: the fixed top-level schema (keys and types, via omegaconf structured configs), then every component
-node against its registered constructor (see :mod:`segrouter.registry`).
+A recipe is data, never code: YAML is read with the safe loader (no ``!!python`` tags), interpolations may
+only refer to other keys (a ``${resolver:...}`` call such as ``oc.env`` is an error), and the folders a
+recipe lists under ``plugins:`` are only checked to be loaded already (the user opts into their code with
+``--plugins DIR``), never imported from here. Validation happens in two passes before anything is built:
+the fixed top-level schema (keys and types, via omegaconf structured configs), then every component node
+against its registered constructor (see :mod:`segrouter.registry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import string
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +24,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from segrouter.errors import RecipeError, did_you_mean
-from segrouter.registry import load_plugins, registry
+from segrouter.metric_names import monitorable
+from segrouter.registry import check_recipe_plugins, registry
 
 MODEL_COMPONENTS: dict[str, str] = {
     "vision_encoder": "vision_encoder",
@@ -143,6 +148,9 @@ class MetricsConfig:
     # evaluation-time control on the LLM's visual tokens: shuffle (another sample's, rolled across the batch)
     # or zero; null for none. Set by `segrouter validate/test --control`.
     control: str | None = None
+    # this evaluation applies the recipe's method to a checkpoint trained without it (a dense `full` model): its
+    # new parameters keep their initialisation. Set by `segrouter validate/test --training-free`.
+    training_free: bool = False
 
 
 @dataclass
@@ -160,6 +168,130 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The values a recipe key allows beyond its type: ``ok(value)`` and the range in words for the error."""
+
+    ok: typing.Callable[[Any], bool]
+    text: str
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _int(lo: int, hi: int | None = None, *, also: tuple[Any, ...] = ()) -> Rule:
+    text = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    return Rule(lambda v: any(v is a or v == a and _is_int(v) for a in also)
+                or (_is_int(v) and v >= lo and (hi is None or v <= hi)),
+                " or ".join([*(repr(a) if a is not None else "null" for a in also), text]))
+
+
+def _real(lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+          also: tuple[Any, ...] = ()) -> Rule:
+    if hi is None:
+        text = f"a number {'>' if lo_open else '>='} {lo}"
+    else:
+        text = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return Rule(lambda v: v in also if v is None else (
+        _is_real(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))),
+        " or ".join([*("null" for a in also if a is None), text]))
+
+
+def _count_or_fraction(lo: int, *, fraction_lo_open: bool) -> Rule:
+    """Lightning's batch counts: null, an integer (batches) or a float fraction of an epoch."""
+    frac = "(0.0, 1.0]" if fraction_lo_open else "[0.0, 1.0]"
+    return Rule(lambda v: v is None or (_is_int(v) and v >= lo) or (
+        isinstance(v, float) and (0.0 < v if fraction_lo_open else 0.0 <= v) and v <= 1.0),
+        f"null, an integer >= {lo} (batches) or a float in {frac} (fraction of an epoch)")
+
+
+def _devices(v: Any) -> bool:
+    """Lightning's ``devices``: 'auto', -1 (all), a count >= 1, or device indices (a list, or "0,1")."""
+    if _is_int(v):
+        return v >= 1 or v == -1
+    if isinstance(v, str):
+        v = v.replace(" ", "")
+        return v in ("auto", "-1") or (bool(re.fullmatch(r"\d+(,\d+)*,?", v)) and v != "0")
+    return isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_is_int(d) and d >= 0 for d in v)
+
+
+# Value ranges of the fixed keys, checked at validation so that a value Lightning or torch would reject fails
+# before anything is built or written (often they reject it only after the run folder exists).
+RANGES: dict[str, Rule] = {
+    "seed": _int(0, 2**32 - 1),
+    "model.image_size": _int(1),
+    "model.num_mask_tokens": _int(1),
+    "model.loss.ce_weight": _real(0),
+    "model.loss.bce_weight": _real(0),
+    "model.loss.dice_weight": _real(0),
+    "model.lora.r": _int(1),
+    "model.lora.alpha": _real(0, lo_open=True),
+    "model.lora.dropout": _real(0, 1, hi_open=True),
+    "data.batch_size": _int(1),
+    "data.eval_batch_size": _int(1),
+    "data.num_workers": _int(0),
+    "optim.lr": _real(0, lo_open=True),
+    "optim.weight_decay": _real(0),
+    "optim.warmup_steps": _int(0),
+    "optim.min_lr_ratio": _real(0, 1),
+    "trainer.devices": Rule(_devices, "'auto', -1, an integer >= 1, or a list of device indices >= 0"),
+    "trainer.num_nodes": _int(1),
+    "trainer.max_steps": _int(0, also=(-1,)),
+    "trainer.max_epochs": _int(0, also=(None, -1)),
+    "trainer.accumulate_grad_batches": _int(1),
+    "trainer.gradient_clip_val": _real(0, also=(None,)),
+    "trainer.val_check_interval": _count_or_fraction(1, fraction_lo_open=True),
+    "trainer.check_val_every_n_epoch": _int(1, also=(None,)),
+    "trainer.log_every_n_steps": _int(1),
+    "trainer.limit_train_batches": _count_or_fraction(0, fraction_lo_open=False),
+    "trainer.limit_val_batches": _count_or_fraction(0, fraction_lo_open=False),
+    "trainer.limit_test_batches": _count_or_fraction(0, fraction_lo_open=False),
+    "trainer.num_sanity_val_steps": _int(0, also=(-1,)),
+    "checkpoint.save_top_k": _int(0, also=(-1,)),
+    "checkpoint.every_n_train_steps": _int(1, also=(None,)),
+    "metrics.flops_batches": _int(0),
+}
+
+
+def _lightning_choices() -> dict[str, tuple[str, ...]]:
+    """The names Lightning accepts for the string-valued trainer keys (asked of Lightning itself)."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+
+    from segrouter.training.trainer import DEEPSPEED_STAGES  # the DeepSpeed stages segrouter configures itself
+
+    precisions = [str(a) for lit in typing.get_args(_PRECISION_INPUT) for a in typing.get_args(lit)]
+    strategies = [s for s in StrategyRegistry.available_strategies() if not s.startswith("deepspeed")]
+    return {
+        "trainer.accelerator": ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())),
+        "trainer.precision": tuple(dict.fromkeys(precisions)),
+        "trainer.strategy": ("auto", *strategies, *DEEPSPEED_STAGES),
+    }
+
+
+def validate_ranges(cfg: DictConfig) -> None:
+    """Every key of :data:`RANGES` within its range, and the string trainer keys among Lightning's names."""
+    for key, rule in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if not rule.ok(value):
+            shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+            raise RecipeError(f"{shown!r} is out of range", where=key, fix=f"allowed: {rule.text}")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas):
+        raise RecipeError(f"{list(betas)!r} is out of range", where="optim.betas", fix="allowed: two numbers in [0, 1)")
+    for key, choices in _lightning_choices().items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise RecipeError(f"unknown value {value!r}{did_you_mean(value, choices)}", where=key,
+                              fix=f"use one of: {', '.join(choices)}")
 
 
 COMPONENT_PATHS = (*(f"model.{k}" for k in MODEL_COMPONENTS), "model.mask_encoder", "data.dataset")
@@ -213,6 +345,44 @@ def merge(base: DictConfig, override: DictConfig) -> DictConfig:
                           fix="a value must keep the kind (mapping, list or scalar) it has in the base recipe") from None
 
 
+# Bounds on what one recipe may expand to: a hand-written recipe has a few hundred values, while a few lines of
+# YAML aliases ("billion laughs") or a base: list repeated at every level can ask for billions.
+MAX_RECIPE_NODES = 20_000  # mappings, lists and scalars of one file (or override) with every alias expanded
+MAX_RECIPE_DEPTH = 64  # nesting of mappings and lists
+MAX_BASE_DEPTH = 32  # base: chains
+
+
+def _check_size(data: Any, where: str) -> None:
+    """Count ``data``'s nodes as omegaconf will copy them (an alias counts once per use), stopping at the
+    bounds; each distinct node is visited once, so a bomb is refused in time proportional to its text."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: Any, depth: int) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise RecipeError("a YAML alias refers to a node that contains it", where=where,
+                              fix="remove the recursive alias (*name inside &name)")
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"nested deeper than {MAX_RECIPE_DEPTH} levels", where=where, fix="flatten the recipe")
+        open_nodes.add(id(node))
+        total = 1
+        for child in node.values() if isinstance(node, dict) else node:
+            total += size(child, depth + 1)
+            if total > MAX_RECIPE_NODES:
+                raise RecipeError(
+                    f"expands to more than {MAX_RECIPE_NODES} values (each YAML alias repeats what it points to)",
+                    where=where, fix="write the recipe out without nested anchors/aliases")
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(data, 0)
+
+
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", fix="check the path (recipes live in recipes/)")
@@ -226,22 +396,37 @@ def _read_yaml(path: Path) -> DictConfig:
         raise RecipeError(f"invalid YAML{line}: {problem}", where=str(path), fix="fix the YAML syntax") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe: {exc}", where=str(path)) from None
+    except RecursionError:
+        raise RecipeError(f"nested deeper than {MAX_RECIPE_DEPTH} levels", where=str(path), fix="flatten the recipe") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping of keys", where=str(path), fix="start the file with 'name: ...'")
+    _check_size(data, str(path))
     try:
         return OmegaConf.create(data)
     except OmegaConfBaseException as exc:
         raise RecipeError(f"cannot parse recipe: {exc}", where=str(path)) from None
 
 
-def _load_with_bases(path: Path, stack: tuple[Path, ...]) -> DictConfig:
+def _load_with_bases(path: Path, stack: tuple[Path, ...], loaded: dict[Path, DictConfig]) -> DictConfig:
+    """``path`` merged over its bases. ``loaded`` holds every file already read in this load (with its own
+    bases merged), so a base named many times, at any depth, is read and merged up once: a recipe that names
+    the same base twice at each of 22 levels costs 22 loads, not 2^22."""
     path = path.resolve()
     if path in stack:
         chain = " -> ".join(p.name for p in (*stack, path))
         raise RecipeError(f"inheritance cycle: {chain}", where=str(path), fix="remove one of the 'base:' entries")
-    cfg = _read_yaml(path)
+    if path in loaded:
+        return loaded[path]
+    if len(stack) >= MAX_BASE_DEPTH:
+        raise RecipeError(f"more than {MAX_BASE_DEPTH} levels of base: recipes", where=str(path),
+                          fix="shorten the chain of base: recipes")
+    loaded[path] = _merge_bases(path, _read_yaml(path), stack, loaded)
+    return loaded[path]
+
+
+def _merge_bases(path: Path, cfg: DictConfig, stack: tuple[Path, ...], loaded: dict[Path, DictConfig]) -> DictConfig:
     bases = cfg.pop("base", None)
     if bases is None:
         return cfg
@@ -260,14 +445,48 @@ def _load_with_bases(path: Path, stack: tuple[Path, ...]) -> DictConfig:
                 where=f"{path}: base",
                 fix=f"paths are relative to {path.parent}",
             )
-        merged = merge(merged, _load_with_bases(base_path, (*stack, path)))
+        merged = merge(merged, _load_with_bases(base_path, (*stack, path), loaded))
     return merge(merged, cfg)
+
+
+_RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w\-]*(?:\.[A-Za-z_][\w\-]*)*)\s*:")
+
+
+def _reject_resolvers(node: Any, prefix: str = "") -> None:
+    """Refuse ``${resolver:...}`` calls anywhere in the recipe: only references to other keys are allowed.
+
+    omegaconf registers resolvers such as ``oc.env`` globally; ``${oc.env:HF_TOKEN}`` would copy a secret
+    into the saved ``recipe.yaml``, ``hparams.yaml`` and every checkpoint. A recipe is shared data, so it may
+    refer to its own keys (``${model.image_size}``) and nothing else. An escaped ``\\${...}`` is refused too:
+    telling it from an escaped backslash followed by a real call is not worth the risk."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _reject_resolvers(v, f"{prefix}{k}.")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _reject_resolvers(v, f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(node, str) and (m := _RESOLVER_CALL.search(node)):
+        env = m.group(1) == "oc.env"
+        raise RecipeError(
+            f"'{node}' calls the resolver '{m.group(1)}'; a recipe may only refer to its own keys, e.g. ${{model.image_size}}",
+            where=prefix.rstrip(".") or None,
+            fix=("write the value itself (as key=value on the command line if it varies); environment variables are "
+                 "never read into a recipe, which is saved with the run and its checkpoints") if env
+            else "write the value itself, or refer to another key with ${key}",
+        )
 
 
 def _parse_overrides(overrides: list[str]) -> DictConfig:
     for o in overrides:
         if "=" not in o:
             raise RecipeError(f"override '{o}' is not key=value", fix="write overrides like trainer.max_steps=100")
+        key, _, value = o.partition("=")
+        try:  # a value is YAML too: bound its aliases before omegaconf expands them
+            _check_size(yaml.safe_load(value), key)
+        except yaml.YAMLError:
+            pass  # reported by from_dotlist below, with its usual message
+        except RecursionError:
+            raise RecipeError(f"nested deeper than {MAX_RECIPE_DEPTH} levels", where=key) from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except yaml.YAMLError as exc:
@@ -293,14 +512,17 @@ def _schema_error(exc: OmegaConfBaseException, schema: DictConfig) -> RecipeErro
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
-    """Read a recipe with its bases, apply overrides, check it against the schema and the registries."""
-    raw = _load_with_bases(Path(path), ())
+    """Read a recipe with its bases, apply overrides, check it against the schema and the registries.
+
+    Imports nothing: load the plugins first (:func:`segrouter.registry.load_plugins`)."""
+    raw = _load_with_bases(Path(path), (), {})
     if overrides:
         raw = merge(raw, _parse_overrides(overrides))
+    _reject_resolvers(OmegaConf.to_container(raw, resolve=False))
     plugin_dirs = raw.get("plugins", [])
     if not isinstance(plugin_dirs, (list, ListConfig)) or not all(isinstance(d, str) for d in plugin_dirs):
         raise RecipeError("'plugins' must be a list of folders", where="plugins")
-    load_plugins(list(plugin_dirs))
+    check_recipe_plugins(list(plugin_dirs))  # never imports: plugins are opted into with --plugins
     schema = OmegaConf.structured(Recipe)
     try:
         cfg = OmegaConf.merge(schema, raw)
@@ -318,6 +540,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
             if isinstance(item, (DictConfig, ListConfig)):
                 raise RecipeError(f"expected a list of {item_type.__name__}, got an item {OmegaConf.to_container(item)!r}",
                                   where=key, fix="fix the value's type")
+    validate_ranges(cfg)
     validate_components(cfg)
     return cfg
 
@@ -336,7 +559,10 @@ def _typed_lists(cls: type, prefix: str = "") -> list[tuple[str, type]]:
 
 
 def validate_components(cfg: DictConfig) -> None:
-    """Check every component node against its registry (names, parameters, types)."""
+    """Check every component node against its registry (names, parameters, types), and the other values."""
+    if cfg.name in ("", ".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name:
+        raise RecipeError(f"'{cfg.name}' is not a folder name", where="name",
+                          fix="runs go to {output_dir}/{name}/: give a name without '/', '\\' or '..' (e.g. my_run)")
     for key, kind in MODEL_COMPONENTS.items():
         registry(kind).validate(OmegaConf.to_container(cfg.model[key]), where=f"model.{key}")
     if cfg.model.mask_encoder is not None:
@@ -346,10 +572,8 @@ def validate_components(cfg: DictConfig) -> None:
         raise RecipeError(f"unknown control '{cfg.metrics.control}'{did_you_mean(cfg.metrics.control, CONTROLS)}",
                           where="metrics.control", fix=f"use one of: {', '.join(CONTROLS)} (or null)")
     lora = cfg.model.lora
-    if lora.enabled and (lora.r < 1 or not lora.targets):
-        raise RecipeError("LoRA needs r >= 1 and at least one target module", where="model.lora", fix="e.g. r: 8, targets: [q_proj, v_proj]")
-    if cfg.model.num_mask_tokens < 1:
-        raise RecipeError("must be >= 1", where="model.num_mask_tokens")
+    if lora.enabled and not lora.targets:
+        raise RecipeError("LoRA needs at least one target module", where="model.lora.targets", fix="e.g. targets: [q_proj, v_proj]")
     for key, allowed in (("prompt", {"expression"}), ("answer", {"mask_tokens", "target"})):
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(cfg.data[key]) if f is not None}
@@ -367,8 +591,10 @@ def validate_components(cfg: DictConfig) -> None:
                           where="data.answer", fix="put {target} after {mask_tokens}, e.g. 'it is {mask_tokens} {target}'")
     if cfg.optim.scheduler not in ("cosine", "constant"):
         raise RecipeError(f"unknown scheduler '{cfg.optim.scheduler}'", where="optim.scheduler", fix="use cosine or constant")
-    if cfg.checkpoint.every_n_train_steps is not None and cfg.checkpoint.every_n_train_steps < 1:
-        raise RecipeError("must be >= 1 (or null: last.ckpt at validation only)", where="checkpoint.every_n_train_steps")
+    monitor = cfg.checkpoint.monitor
+    if monitor is not None and monitor not in monitorable():
+        raise RecipeError(f"no metric '{monitor}' is logged{did_you_mean(monitor, monitorable())}",
+                          where="checkpoint.monitor", fix=f"use one of: {', '.join(monitorable())} (or null)")
     if cfg.checkpoint.mode not in ("min", "max"):
         raise RecipeError(f"mode must be min or max, got '{cfg.checkpoint.mode}'", where="checkpoint.mode")
 

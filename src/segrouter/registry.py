@@ -94,6 +94,10 @@ class Registry:
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
+        if not isinstance(name, str) or not name.strip():  # a recipe can only name it with a string
+            raise SegrouterError(f"{self.kind} name {name!r} is not a non-empty string",
+                                 fix=f'register it as @register("{self.kind}", "my_name")')
+
         def deco(factory: Any) -> Any:
             old = self._entries.get(name)
             if old is not None and old.factory is not factory and _qualname(old.factory) != _qualname(factory):
@@ -161,7 +165,11 @@ class Registry:
                 )
         check = getattr(entry.factory, "check_params", None)
         if callable(check):  # value ranges, so that a recipe fails at validation, before anything is built
-            check(**{**{n: p.default for n, p in params.items() if not p.required}, **kwargs})
+            try:
+                check(**{**{n: p.default for n, p in params.items() if not p.required}, **kwargs})
+            except ValueError as exc:  # a plugin may reject values the Python way rather than with RecipeError
+                raise RecipeError(f"{self.kind} '{entry.name}' rejects these values: {exc}", where=where,
+                                  fix="fix the values (its check_params raised ValueError)") from None
         return entry, kwargs
 
     def build(self, node: Mapping[str, Any], *context: Any, where: str | None = None) -> Any:
@@ -215,9 +223,11 @@ def load_plugin_file(path: Path) -> None:
     sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
-    except SegrouterError:
+    except SegrouterError as exc:  # e.g. a name registered twice: say which file did it
         del sys.modules[mod_name]
-        raise
+        if exc.where:
+            raise
+        raise type(exc)(exc.what, where=f"plugin file {path}", fix=exc.fix) from None
     except (Exception, SystemExit) as exc:  # a broken plugin must not look like a framework crash (or exit)
         del sys.modules[mod_name]
         raise SegrouterError(
@@ -226,18 +236,26 @@ def load_plugin_file(path: Path) -> None:
         ) from exc
 
 
+_LOADED_DIRS: set[Path] = set()  # plugin folders imported so far (resolved), see :func:`check_recipe_plugins`
+
+
 def load_plugins(extra_dirs: Iterable[str | Path] = ()) -> None:
-    """Discover plugins: entry points of installed packages, then ``*.py`` files in plugin folders."""
+    """Discover plugins: entry points of installed packages, then ``*.py`` files in plugin folders.
+
+    Only the command line calls this with folders (``--plugins DIR``): a recipe's ``plugins:`` list is
+    checked by :func:`check_recipe_plugins` and never imported, so reading a recipe cannot run code."""
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
-        except Exception as exc:
+            if callable(obj) and not inspect.isclass(obj):
+                obj()
+        except SegrouterError:
+            raise
+        except (Exception, SystemExit) as exc:  # sys.exit(0) in a plugin must not make every command "succeed"
             raise SegrouterError(
                 f"plugin entry point '{ep.name}' ({ep.value}) failed to load: {type(exc).__name__}: {exc}",
                 fix="fix or uninstall the package that declares it",
             ) from exc
-        if callable(obj) and not inspect.isclass(obj):
-            obj()
     dirs = [*default_plugin_dirs()]
     for d in extra_dirs:
         p = Path(d)
@@ -248,6 +266,25 @@ def load_plugins(extra_dirs: Iterable[str | Path] = ()) -> None:
         for f in sorted(d.glob("*.py")):
             if not f.name.startswith("_"):
                 load_plugin_file(f)
+        _LOADED_DIRS.add(d.resolve())
+
+
+def check_recipe_plugins(dirs: Iterable[str]) -> None:
+    """Check that every folder a recipe lists under ``plugins:`` is already loaded, without importing it.
+
+    A recipe is data that may come from anyone (a shared ``base:``, a colleague's run folder), so naming a
+    folder in it is not consent to run that folder's code: the user opts in on the command line with
+    ``--plugins DIR``, or keeps the plugin in the repository's own ``plugins/`` (always loaded)."""
+    for d in dirs:
+        p = Path(d)
+        if not p.is_dir():
+            raise SegrouterError(f"plugin folder {p} does not exist", fix="pass an existing folder to --plugins")
+        if p.resolve() not in _LOADED_DIRS:
+            raise RecipeError(
+                f"the recipe lists plugin folder {d}, which is not loaded: a recipe never imports code by itself",
+                where="plugins",
+                fix=f"if you trust its code, add '--plugins {d}' to the command",
+            )
 
 
 def type_matches(value: Any, hint: Any) -> bool:

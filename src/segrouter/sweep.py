@@ -4,7 +4,10 @@ Every run is a fresh ``python -m segrouter.cli fit`` process: runs cannot leak s
 registrations, CUDA memory, the cached run version) into each other, and one crash does not end the sweep —
 it is reported, and the next run starts. All recipes and grid points are validated before the first run,
 so a typo fails in a second, not after hours of training. Grid points get their own run names
-(``{name}-{key}={value}...``) so each lands in its own folder under ``--out``.
+(``{name}-{key}={value}...``) so each lands in its own folder under ``--out``. A run that exits non-zero,
+including one stopped by a signal (143, 130), is a failed run. SIGTERM or SIGINT to the sweep is passed on to
+the running fit, which saves a resumable checkpoint and exits; then the sweep stops (it does not start the
+next run) with that run's exit code.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import argparse
 import itertools
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import Popen
 
 from segrouter.compare import compare
 from segrouter.errors import SegrouterError
+from segrouter.interrupts import Interrupted, deferred
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,13 @@ def run_job(job: Job, out: Path, plugins: list[str]) -> tuple[int, Path | None]:
     env = {k: v for k, v in os.environ.items() if k != "SEGROUTER_RUN_VERSION"}  # each run picks its own version
     plugin_args = [a for d in plugins for a in ("--plugins", d)]
     cmd = [sys.executable, "-m", "segrouter.cli", "fit", "--recipe", job.recipe, *plugin_args, *job.overrides]
-    code = subprocess.run(cmd, env=env, check=False).returncode
+    running: list[Popen[bytes]] = []
+    with deferred(on_signal=lambda signum: [p.send_signal(signum) for p in running]) as notes:
+        with Popen(cmd, env=env) as proc:
+            running.append(proc)
+            code = proc.wait()  # a signal to the sweep goes on to the fit, which saves a checkpoint and exits
+    if notes.signum is not None:
+        raise Interrupted(notes.signum, f"sweep run {job.name} stopped (exit code {code}); the runs after it did not start")
     created = sorted(_versions(out / job.name) - before, key=lambda p: int(p.name.split("_")[1]))
     return code, (created[-1] if created else None)
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
 
-from segrouter.errors import SegrouterError
+from segrouter.errors import RecipeError, SegrouterError, check_min
 from segrouter.llms.base import CausalLLM
 from segrouter.registry import register
 
@@ -39,7 +39,9 @@ class HFCausalLM(CausalLLM):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.check_params(path=path, hidden_size=hidden_size, num_heads=num_heads)
+        self.check_params(path=path, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                          num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, rope_theta=rope_theta,
+                          initializer_range=initializer_range)
         if path:
             if not Path(path).is_dir():  # at build, not validation: recipes may be written where the files are not
                 raise SegrouterError(f"LLM directory not found: {path}", where="model.llm.path",
@@ -88,6 +90,15 @@ class HFCausalLM(CausalLLM):
         """The shape of a randomly initialised LLM, checked when a recipe is validated (and in __init__)."""
         path, hidden_size, num_heads = p["path"], p["hidden_size"], p["num_heads"]
         if not path:
+            check_min("model.llm", hidden_size=hidden_size, num_layers=p["num_layers"], num_heads=num_heads,
+                      num_kv_heads=p["num_kv_heads"], intermediate_size=p["intermediate_size"])
+            if not p["rope_theta"] > 0 or not p["initializer_range"] >= 0:
+                key = "rope_theta" if not p["rope_theta"] > 0 else "initializer_range"
+                raise RecipeError(f"{p[key]} is out of range", where=f"model.llm.{key}",
+                                  fix="allowed: a number > 0" if key == "rope_theta" else "allowed: a number >= 0")
+            if p["num_kv_heads"] is not None and num_heads % p["num_kv_heads"]:
+                raise RecipeError(f"num_heads {num_heads} is not divisible by num_kv_heads {p['num_kv_heads']}",
+                                  where="model.llm.num_kv_heads", fix="pick num_kv_heads dividing num_heads")
             if hidden_size % num_heads:
                 raise SegrouterError(
                     f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}",

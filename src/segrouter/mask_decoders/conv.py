@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from segrouter.errors import check_min
 from segrouter.mask_decoders.base import MaskDecoder
 from segrouter.registry import register
 
@@ -28,6 +29,7 @@ class ConvDecoder(MaskDecoder):
         conditioning: Literal["dot", "film"] = "dot",
     ) -> None:
         super().__init__()
+        self.check_params(embed_dim=embed_dim, upscale=upscale, conditioning=conditioning)
         self.prompt_dim = embed_dim
         self.conditioning = conditioning
         layers: list[nn.Module] = [nn.Conv2d(vision_dim, embed_dim, 3, padding=1), nn.GELU()]
@@ -40,6 +42,11 @@ class ConvDecoder(MaskDecoder):
         self.prompt_mlp = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, out))
         self.head = nn.Sequential(nn.Conv2d(embed_dim, embed_dim, 3, padding=1), nn.GELU(), nn.Conv2d(embed_dim, 1, 1)) if conditioning == "film" else None
         self.bias = nn.Parameter(torch.zeros(1))
+
+    @staticmethod
+    def check_params(**p: Any) -> None:
+        """Sizes, checked when a recipe is validated (and here at construction)."""
+        check_min("model.mask_decoder", embed_dim=p["embed_dim"], upscale=p["upscale"])
 
     def forward(self, features: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         pix = self.pixels(features)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import SamMaskDecoderConfig, SamModel, SamVisionConfig
 from transformers.models.sam.modeling_sam import SamLayerNorm, SamMaskDecoder, SamPositionalEmbedding
 
-from segrouter.errors import SegrouterError
+from segrouter.errors import SegrouterError, check_min
 from segrouter.mask_decoders.base import MaskDecoder
 from segrouter.registry import register
 
@@ -34,6 +35,7 @@ class SAMDecoder(MaskDecoder):
         path: str | None = None,
     ) -> None:
         super().__init__()
+        self.check_params(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, path=path)
         if path:
             if not Path(path).is_dir():
                 raise SegrouterError(f"SAM directory not found: {path}", where="model.mask_decoder.path")
@@ -67,6 +69,13 @@ class SAMDecoder(MaskDecoder):
             nn.Conv2d(embed_dim, embed_dim, 3, padding=1, bias=False),
             SamLayerNorm(embed_dim, data_format="channels_first"),
         )
+
+    @staticmethod
+    def check_params(**p: Any) -> None:
+        """Sizes of a randomly initialised decoder, checked when a recipe is validated (and here)."""
+        if not p["path"]:
+            check_min("model.mask_decoder", embed_dim=p["embed_dim"], depth=p["depth"], num_heads=p["num_heads"],
+                      mlp_dim=p["mlp_dim"])
 
     def _image_pe(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
         ys = (torch.arange(h, device=like.device, dtype=like.dtype) + 0.5) / h

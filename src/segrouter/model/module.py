@@ -27,6 +27,7 @@ from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 from segrouter.compressors.base import VisualTokens
 from segrouter.errors import SegrouterError
 from segrouter.flops import count_flops
+from segrouter.metric_names import EVAL_IOU, EVAL_MEANS, EVAL_RANGE
 from segrouter.metrics import CIoU, GIoU
 from segrouter.model.losses import bce_loss, dice_loss
 from segrouter.model.sequence import build_sequence
@@ -127,15 +128,14 @@ class SegmentationMLLM(L.LightningModule):
         self.mask_token_ids = [int(i) for i in tokenizer.convert_tokens_to_ids(mask_token_names(int(m.num_mask_tokens)))]
         self.loss_w = m.loss
         self.eval_metrics = nn.ModuleDict(
-            {s: MetricCollection({"giou": GIoU(), "ciou": CIoU()}, prefix=f"{s}/") for s in SPLITS}
+            {s: MetricCollection(dict(zip(EVAL_IOU, (GIoU(), CIoU()), strict=True)), prefix=f"{s}/") for s in SPLITS}
         )
         self.eval_means = nn.ModuleDict(
-            {s: nn.ModuleDict({k: MeanMetric() for k in ("visual_tokens", "llm_flops", "latency_ms", "name_acc")})
-             for s in SPLITS}
+            {s: nn.ModuleDict({k: MeanMetric() for k in EVAL_MEANS}) for s in SPLITS}
         )
         # adaptive compressors vary the count per image: its spread over the split, next to the mean
         self.eval_token_range = nn.ModuleDict(
-            {s: nn.ModuleDict({"visual_tokens_min": MinMetric(), "visual_tokens_max": MaxMetric()}) for s in SPLITS}
+            {s: nn.ModuleDict(dict(zip(EVAL_RANGE, (MinMetric(), MaxMetric()), strict=True))) for s in SPLITS}
         )
         self._step_start = 0.0
 
@@ -313,3 +313,19 @@ class SegmentationMLLM(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """On ``fit --resume`` the recipe's ``optim.lr``, ``weight_decay`` and ``betas`` replace those saved with
+        the optimiser: resuming with a lower ``optim.lr`` is how a run that blew up is continued, and the saved
+        state would silently restore the old rate. The schedule's progress (warm-up, cosine) is kept."""
+        o = self.cfg.optim
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                base = group.get("initial_lr", group["lr"])
+                group["lr"] = group["lr"] * (o.lr / base) if base else o.lr
+                group["initial_lr"] = o.lr
+                group["weight_decay"] = o.weight_decay
+                group["betas"] = tuple(o.betas)
+        for sched in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in sched:
+                sched["base_lrs"] = [o.lr] * len(sched["base_lrs"])

@@ -79,6 +79,37 @@ class RoutingStrategy(nn.Module):
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def initial_state(self) -> str:
+        """What this strategy computes while its own parameters keep their initialisation, as when it is applied
+        to a checkpoint trained without them (``segrouter test --training-free``); asked only when it has some."""
+        return ""
+
+
+class SeededStrategy(RoutingStrategy):
+    """A strategy that draws random numbers (random token dropping, token routing's random-assignment control).
+
+    Training draws from torch's global generator (seeded by the recipe's ``seed``), so every step sees new
+    draws. Evaluation draws from a generator of its own, reset to ``seed`` each time the strategy enters eval
+    mode: every evaluation pass over the same (unshuffled) batches draws the same numbers batch by batch, so
+    a validate/test result reproduces.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+        self.eval_generator = torch.Generator().manual_seed(seed)
+
+    def train(self, mode: bool = True) -> SeededStrategy:
+        if not mode:
+            self.eval_generator.manual_seed(self.seed)
+        return super().train(mode)
+
+    def rand(self, *shape: int, device: torch.device) -> torch.Tensor:
+        """Uniform [0, 1) numbers: the global generator while training, the evaluation generator otherwise."""
+        if self.training:
+            return torch.rand(shape, device=device)
+        return torch.rand(shape, generator=self.eval_generator).to(device)
+
 
 def up_to_first_mask(kinds: torch.Tensor) -> torch.Tensor:
     """(B, L) bool: the non-padding tokens up to and including each sample's first MASK token (all of them

@@ -96,6 +96,10 @@ class MixtureOfDepths(RoutingStrategy):
             nn.init.zeros_(router.bias)
             self.routers[str(i)] = router
 
+    def initial_state(self) -> str:
+        return ("routers are zero, so every image token scores the same: each routed layer computes the first "
+                f"ceil({self.capacity}·N) image tokens in sequence order (ties go to the earlier token), gate 1")
+
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
         h, pos, valid = seq.embeds, seq.positions, seq.valid
         image = seq.is_kind(Kind.IMAGE)

@@ -24,6 +24,12 @@ Choices the abstract leaves open (see docs/methods/token_routing.md for the reas
   tokens receiving most attention from the text and mask tokens in that layer);
 * ``assignment``: ``nearest`` proxy, or ``weighted`` — a softmax over the ``neighbours`` nearest proxies by
   squared distance in units of the proxy spacing.
+
+Two negative controls (off by default), which must do measurably worse if the method works for the reason
+the paper gives: ``assignment: random`` (each routed token takes a uniformly random proxy's update of its own
+sample, drawn anew per batch; evaluation draws restart from seed 0 on ``eval()``, see
+:class:`~segrouter.routing.base.SeededStrategy`) and ``projector: zero`` (routed tokens get no FFN update at
+all, only attention's; no projector is built, so the FLOPs drop by the projectors' share).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from segrouter.registry import register
 from segrouter.routing.base import (
     Kind,
     LayerStats,
-    RoutingStrategy,
+    SeededStrategy,
     TokenSequence,
     attention_bias,
     attention_residual,
@@ -61,7 +67,7 @@ from segrouter.routing.base import (
 class _Plan:
     """A routed layer's packing: the FFN tokens (``f_idx``), the routed tokens (``r_idx``; None when none is
     routed) and where each routed token's update comes from in the FFN pack: ``source`` (B, R) rows for the
-    nearest proxy, or for ``weighted`` the proxies' rows (B, P) mixed by ``mix`` (B, R, P)."""
+    nearest (or random) proxy, or for ``weighted`` the proxies' rows (B, P) mixed by ``mix`` (B, R, P)."""
 
     ffn_active: torch.Tensor
     f_idx: torch.Tensor
@@ -116,7 +122,7 @@ def _layer_index(value: int | float, num_layers: int, name: str) -> int:
 
 
 @register("routing", "token_routing")
-class TokenRouting(RoutingStrategy):
+class TokenRouting(SeededStrategy):
     """Late mask-token insertion + proxy FFN routing for image tokens (see module docstring)."""
 
     def __init__(
@@ -129,14 +135,15 @@ class TokenRouting(RoutingStrategy):
         num_proxies: int | None = None,
         proxy_ratio: float = 0.0625,
         proxy_rule: Literal["grid", "score", "attention"] = "grid",
-        assignment: Literal["nearest", "weighted"] = "nearest",
+        assignment: Literal["nearest", "weighted", "random"] = "nearest",
         neighbours: int = 4,
         projector_ratio: float = 0.25,
         projector_input: Literal["delta", "delta_token"] = "delta",
+        projector: Literal["mlp", "zero"] = "mlp",
         score_alpha: float = 0.2,
         routed: Literal["ffn", "layer"] = "ffn",
     ) -> None:
-        super().__init__()
+        super().__init__(seed=0)
         self.check_params(proxy_ratio=proxy_ratio, num_proxies=num_proxies, neighbours=neighbours, routed=routed,
                           proxy_rule=proxy_rule)
         self.cfg_insert, self.cfg_route_start, self.cfg_route_layers = insert_layer, route_start, route_layers
@@ -144,6 +151,7 @@ class TokenRouting(RoutingStrategy):
         self.num_proxies, self.proxy_ratio = num_proxies, proxy_ratio
         self.proxy_rule, self.assignment, self.neighbours = proxy_rule, assignment, neighbours
         self.projector_ratio, self.projector_input, self.score_alpha = projector_ratio, projector_input, score_alpha
+        self.zero_update = projector == "zero"
         self.whole_layer = routed == "layer"
         self.insert_layer = 0
         self.routed: list[bool] = []
@@ -177,11 +185,24 @@ class TokenRouting(RoutingStrategy):
         d = llm.hidden_size
         hidden = max(8, int(d * self.projector_ratio))
         for i in sorted(layers):
-            self.projectors[str(i)] = ProxyProjector(d, hidden, self.projector_input == "delta_token")
+            if not self.zero_update:
+                self.projectors[str(i)] = ProxyProjector(d, hidden, self.projector_input == "delta_token")
             if self.proxy_rule == "score":
                 self.scorers[str(i)] = nn.Linear(d, 1)
                 nn.init.zeros_(self.scorers[str(i)].weight)
                 nn.init.zeros_(self.scorers[str(i)].bias)
+
+    def initial_state(self) -> str:
+        what = "whole-layer update" if self.whole_layer else "FFN update"
+        if self.zero_update:
+            routed = f"no projectors (projector: zero): routed image tokens get no {what}"
+        else:
+            source = {"nearest": "its nearest proxy's", "weighted": "its nearest proxies' weighted",
+                      "random": "a random proxy's"}[self.assignment]
+            routed = f"the projectors' output layers are zero: each routed image token takes {source} {what} unchanged"
+        if self.proxy_rule == "score":
+            routed += "; the scorers are zero: the proxies are the grid's, their updates unscaled"
+        return routed
 
     # ------------------------------------------------------------------------------------ proxies
     def _proxy_count(self, n_image: torch.Tensor) -> torch.Tensor:
@@ -218,13 +239,17 @@ class TokenRouting(RoutingStrategy):
         ffn_active = active & ~(is_image & ~proxies)
         f_idx, f_ok = select(ffn_active)
         routed = active & is_image & ~proxies
-        if not bool(routed.any()):
+        if self.zero_update or not bool(routed.any()):  # projector: zero — routed tokens get no update to gather
             return _Plan(ffn_active, f_idx, f_ok, weight)
         r_idx, r_ok = select(routed)
         p_idx, p_ok = select(proxies)
         slot = torch.zeros_like(is_image, dtype=torch.long).scatter(
             1, f_idx, torch.arange(f_idx.shape[1], device=f_idx.device).expand_as(f_idx))
         p_slot = gather(slot, p_idx)  # each proxy's row in the FFN pack (proxies always run the FFN)
+        if self.assignment == "random":  # control: any proxy of the sample, wherever it lies
+            draw = self.rand(*r_idx.shape, p_idx.shape[1], device=r_idx.device).masked_fill(~p_ok[:, None, :], -1.0)
+            return _Plan(ffn_active, f_idx, f_ok, weight, r_idx=r_idx, r_ok=r_ok,
+                         source=gather(p_slot, draw.argmax(dim=-1)))
         d2 = torch.cdist(gather(seq.coords, r_idx), gather(seq.coords, p_idx)).square()
         d2 = d2.masked_fill(~p_ok[:, None, :], float("inf"))
         if self.assignment == "nearest":

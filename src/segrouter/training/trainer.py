@@ -4,26 +4,46 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+import torch
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, ModelSummary, RichProgressBar
+from lightning.pytorch.callbacks.model_summary import log as summary_log
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 from omegaconf import DictConfig
 
-from segrouter.errors import RecipeError
+from segrouter.errors import SegrouterError
+from segrouter.interrupts import Deferred, Interrupted
 from segrouter.recipe import save_recipe
 
 DEEPSPEED_STAGES = {"deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
 
 
+def check_weights_finite(trainer: L.Trainer) -> None:
+    """Stop the run, before a checkpoint is written, when an update has made a weight NaN or infinite.
+
+    A blown-up update is seen by the loss check only at the next step's forward; a checkpoint written in
+    between would hold the poisoned weights as the run's "last good" state, and a resume would fail at once."""
+    finite = all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
+    if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+        raise SegrouterError(
+            f"non-finite weights after global step {trainer.global_step}",
+            fix="lower optim.lr or enable trainer.gradient_clip_val; the last good checkpoint is kept",
+        )
+
+
 def save_atomically(trainer: L.Trainer, filepath: str, weights_only: bool = False) -> None:
     """Write to a temporary file and rename it into place, so a run killed mid-save never leaves a truncated
-    checkpoint behind (DeepSpeed's sharded checkpoint directories are written as they are)."""
+    checkpoint behind (DeepSpeed's sharded checkpoint directories are written as they are). Non-finite
+    weights are never written (:func:`check_weights_finite`)."""
+    check_weights_finite(trainer)
     if isinstance(trainer.strategy, L.pytorch.strategies.DeepSpeedStrategy):
         trainer.save_checkpoint(filepath, weights_only)
         return
@@ -62,6 +82,53 @@ class StepCheckpoint(Callback):
             save_atomically(trainer, str(self.path))
 
 
+class StopOnSignal(Checkpoint):
+    """SIGTERM/SIGINT during training: save ``last.ckpt`` at the next step boundary, then stop with
+    :class:`~segrouter.interrupts.Interrupted` (one line, exit code 143/130; see :mod:`segrouter.interrupts`).
+
+    From ``on_train_start`` on (after Lightning has put in its own SIGTERM handler, which would end the run with
+    exit code 0) the signals are only noted. The run stops after the batch that completes an optimiser step;
+    a signal during validation lets the validation finish, so its score and best checkpoint are kept (a
+    ``Checkpoint``, this callback runs after ``ModelCheckpoint``). Lightning puts the command's handlers back
+    at teardown."""
+
+    def __init__(self, dirpath: Path) -> None:
+        self.path = dirpath / "last.ckpt"
+        self.notes = Deferred()
+        self._step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step = trainer.global_step
+        self.notes.install()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step != self._step:  # this batch completed an optimiser step
+            self._step = trainer.global_step
+            self._stop_if_signalled(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._stop_if_signalled(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_signalled(trainer)
+
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        signum = self.notes.signum
+        if trainer.world_size > 1:  # every rank stops at the same batch: the save is a collective
+            if not trainer.strategy.reduce_boolean_decision(signum is not None, all=False):
+                return
+            signum = signum or signal.SIGTERM
+        if signum is None:
+            return
+        if trainer.global_step == 0:
+            raise Interrupted(signum, "no training step had completed, nothing saved")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomically(trainer, str(self.path))
+        raise Interrupted(signum, f"stopped after global step {trainer.global_step}; saved {self.path} "
+                                  "(continue with: segrouter fit --resume)")
+
+
 class ResumableCSVLogger(CSVLogger):
     """A CSVLogger that appends to the run's ``metrics.csv`` on ``--resume`` (Lightning's deletes it)."""
 
@@ -93,6 +160,23 @@ class SaveRecipe(Callback):
             save_recipe(self.cfg, Path(log_dir) / "recipe.yaml")
 
 
+class ParameterSummary(ModelSummary):
+    """Lightning's model summary without its FLOPs column and total, which count nothing here (they need an
+    ``example_input_array``, and a batch of this model is a dict built by the data module) and printed
+    "Total FLOPs: 0" in a framework whose purpose is counting FLOPs. The LLM FLOPs per sample are counted
+    on real validation batches and logged as ``val/llm_flops`` (``segrouter bench`` for a side-by-side count)."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        columns = [c for c in summary_data if c[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      total_flops, *columns)
+        table = table.rsplit("\n", 1)[0]  # the "Total Flops" line
+        summary_log.info("\n" + table + "\nLLM FLOPs per sample: counted on validation batches, logged as val/llm_flops")
+
+
 def build_strategy(cfg: DictConfig) -> Any:
     t = cfg.trainer
     if t.strategy in DEEPSPEED_STAGES:
@@ -104,13 +188,7 @@ def build_strategy(cfg: DictConfig) -> Any:
             offload_optimizer=t.deepspeed.offload_optimizer,
             offload_parameters=t.deepspeed.offload_parameters,
         )
-    if t.strategy.startswith("deepspeed"):
-        raise RecipeError(
-            f"unknown DeepSpeed strategy '{t.strategy}'",
-            where="trainer.strategy",
-            fix=f"use one of: {', '.join(DEEPSPEED_STAGES)}",
-        )
-    return t.strategy
+    return t.strategy  # a name Lightning knows: checked with the recipe (segrouter.recipe.validate_ranges)
 
 
 def build_loggers(cfg: DictConfig, version: int | str | None) -> list[Logger]:
@@ -138,6 +216,7 @@ def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callb
             auto_insert_metric_name=False,
         ),
         SaveRecipe(cfg),
+        StopOnSignal(run_dir / "checkpoints"),
         *(extra_callbacks or []),
     ]
     if c.every_n_train_steps:
@@ -146,6 +225,7 @@ def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callb
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     if t.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
+    callbacks.append(ParameterSummary())
     kwargs: dict[str, Any] = {
         k: t[k]
         for k in (
@@ -163,6 +243,7 @@ def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callb
         strategy=build_strategy(cfg),
         logger=loggers or False,
         callbacks=callbacks,
+        enable_model_summary=False,  # Lightning's default summary; ParameterSummary is in the callbacks
         default_root_dir=str(run_dir),
         **kwargs,
     )

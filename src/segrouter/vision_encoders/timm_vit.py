@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import timm
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from segrouter.errors import SegrouterError
+from segrouter.errors import RecipeError, SegrouterError, check_min
 from segrouter.registry import register
 from segrouter.vision_encoders.base import VisionEncoder
 
@@ -44,6 +44,8 @@ class TimmViT(VisionEncoder):
         pos_embed: Literal["learned", "sincos"] = "learned",
     ) -> None:
         super().__init__()
+        self.check_params(model_name=model_name, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                          num_heads=num_heads)
         if image_size % patch_size:
             raise SegrouterError(
                 f"image size {image_size} is not a multiple of patch_size {patch_size}",
@@ -95,6 +97,17 @@ class TimmViT(VisionEncoder):
                 where="model.vision_encoder.weights",
                 fix="check model_name / patch_size / embed_dim against the checkpoint",
             )
+
+    @staticmethod
+    def check_params(**p: Any) -> None:
+        """The small ViT's shape, checked when a recipe is validated (and here at construction)."""
+        if p["model_name"]:
+            return  # the timm architecture fixes the shape
+        check_min("model.vision_encoder", patch_size=p["patch_size"], embed_dim=p["embed_dim"], depth=p["depth"],
+                  num_heads=p["num_heads"])
+        if p["embed_dim"] % p["num_heads"]:
+            raise RecipeError(f"embed_dim {p['embed_dim']} is not divisible by num_heads {p['num_heads']}",
+                              where="model.vision_encoder.num_heads", fix="pick num_heads dividing embed_dim")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.vit.forward_features((images - self.mean) / self.std)
