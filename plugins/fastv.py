@@ -33,14 +33,13 @@ from segrouter.routing.base import (
     RoutingStrategy,
     TokenSequence,
     attention_bias,
-    gather,
+    last_instruction_token,
     received_attention,
+    run_kept,
     run_layer,
-    scatter,
-    select,
+    top_image_tokens,
     up_to_first_mask,
 )
-from segrouter.routing.pdrop import last_instruction_token, top_image_tokens
 
 
 @register("routing", "fastv")
@@ -93,12 +92,5 @@ class FastV(RoutingStrategy):
         n_image = image.sum(dim=1)
         kept = top_image_tokens(scores, image, n_image - (n_image * self.ratio).long())
         active = valid & (~image | kept)
-
-        idx, ok = select(active)  # pack the survivors: later layers really run on fewer tokens
-        hp, pp = gather(h, idx), gather(pos, idx)
-        pe = (gather(cos, idx), gather(sin, idx))
-        bias = attention_bias(pp, ok, pp, ok, h.dtype)
-        for layer in llm.layers[self.k :]:
-            self.stats.record(active, active)
-            hp = run_layer(llm, layer, hp, bias, pe, pp)
-        return llm.norm(scatter(h, idx, ok, hp))
+        # the survivors, packed, run the later layers; dropped tokens keep their layer-k state
+        return llm.norm(run_kept(llm, llm.layers[self.k :], h, pos, (cos, sin), active, self.stats))

@@ -17,9 +17,7 @@ from segrouter.errors import RecipeError
 from segrouter.flops import count_flops
 from segrouter.recipe import component, load_recipe
 from segrouter.registry import load_builtins, load_plugins, registry
-from segrouter.routing.base import Kind, TokenSequence, attention_bias
-from segrouter.routing.base import received_attention
-from segrouter.routing.pdrop import last_instruction_token
+from segrouter.routing.base import Kind, TokenSequence, attention_bias, last_instruction_token, received_attention
 from segrouter.text import build_tokenizer
 
 load_builtins()

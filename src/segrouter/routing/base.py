@@ -157,6 +157,40 @@ def scatter(x: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, values: torch.
     return x.scatter(1, idx[..., None].expand_as(values), values)
 
 
+def last_instruction_token(kinds: torch.Tensor) -> torch.Tensor:
+    """One-hot (B, L): the last TEXT token before the first MASK token (the last TEXT token if none)."""
+    length = kinds.shape[1]
+    ar = torch.arange(length, device=kinds.device)
+    is_mask = kinds == Kind.MASK
+    first_mask = torch.where(is_mask.any(dim=1), is_mask.int().argmax(dim=1), length)
+    candidates = (kinds == Kind.TEXT) & (ar[None] < first_mask[:, None])
+    last = torch.where(candidates, ar[None], -1).amax(dim=1)
+    return ar[None] == last[:, None]
+
+
+def top_image_tokens(scores: torch.Tensor, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mask (B, L) of the ``keep[b]`` highest-scoring ``image`` tokens of each sample (ties: earlier first)."""
+    ranked = scores.detach().masked_fill(~image, float("-inf"))
+    order = ranked.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return image & (rank < keep[:, None])
+
+
+def run_kept(llm: CausalLLM, layers: nn.ModuleList, h: torch.Tensor, positions: torch.Tensor,
+             position_embeddings: tuple[torch.Tensor, torch.Tensor], active: torch.Tensor,
+             stats: LayerStats) -> torch.Tensor:
+    """Run ``layers`` on the ``active`` tokens only, packed (so they really cost less), with their original
+    positions and RoPE; the others keep their state in ``h``. Returns the whole (B, L, d) stream, not normed."""
+    idx, ok = select(active)
+    hp, pp = gather(h, idx), gather(positions, idx)
+    pe = (gather(position_embeddings[0], idx), gather(position_embeddings[1], idx))
+    bias = attention_bias(pp, ok, pp, ok, h.dtype)
+    for layer in layers:
+        stats.record(active, active)
+        hp = run_layer(llm, layer, hp, bias, pe, pp)
+    return scatter(h, idx, ok, hp)
+
+
 def run_layer(
     llm: CausalLLM,
     layer: nn.Module,

@@ -39,8 +39,8 @@ from segrouter.routing.base import (
     run_layer,
     scatter,
     select,
+    top_image_tokens,
 )
-from segrouter.routing.pdrop import top_image_tokens
 
 
 @register("routing", "mod")

@@ -9,8 +9,9 @@ from all later layers and keep the hidden state they had when dropped.
 last TEXT token before the first MASK token (with teacher-forced answers, the token right before the mask
 token is emitted — the state the mask token conditions on). Without a MASK token it is the last TEXT token.
 
-The ranking helpers here (:func:`last_instruction_token`, :func:`top_image_tokens`) are public: FastV
-(``plugins/fastv.py``) and Mixture-of-Depths reuse them, with :func:`segrouter.routing.base.received_attention`.
+The ranking helpers (:func:`~segrouter.routing.base.last_instruction_token`,
+:func:`~segrouter.routing.base.top_image_tokens`, :func:`~segrouter.routing.base.received_attention`) live in
+``routing/base.py``, shared with FastV (``plugins/fastv.py``), Mixture-of-Depths and random dropping.
 """
 
 from __future__ import annotations
@@ -29,30 +30,13 @@ from segrouter.routing.base import (
     TokenSequence,
     attention_bias,
     gather,
+    last_instruction_token,
     received_attention,
     run_layer,
     scatter,
     select,
+    top_image_tokens,
 )
-
-
-def last_instruction_token(kinds: torch.Tensor) -> torch.Tensor:
-    """One-hot (B, L): the last TEXT token before the first MASK token (the last TEXT token if none)."""
-    length = kinds.shape[1]
-    ar = torch.arange(length, device=kinds.device)
-    is_mask = kinds == Kind.MASK
-    first_mask = torch.where(is_mask.any(dim=1), is_mask.int().argmax(dim=1), length)
-    candidates = (kinds == Kind.TEXT) & (ar[None] < first_mask[:, None])
-    last = torch.where(candidates, ar[None], -1).amax(dim=1)
-    return ar[None] == last[:, None]
-
-
-def top_image_tokens(scores: torch.Tensor, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mask (B, L) of the ``keep[b]`` highest-scoring ``image`` tokens of each sample (ties: earlier first)."""
-    ranked = scores.detach().masked_fill(~image, float("-inf"))
-    order = ranked.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return image & (rank < keep[:, None])
 
 
 @register("routing", "pdrop")

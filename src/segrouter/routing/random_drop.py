@@ -26,12 +26,10 @@ from segrouter.routing.base import (
     SeededStrategy,
     TokenSequence,
     attention_bias,
-    gather,
+    run_kept,
     run_layer,
-    scatter,
-    select,
+    top_image_tokens,
 )
-from segrouter.routing.pdrop import top_image_tokens
 
 
 @register("routing", "random")
@@ -70,11 +68,4 @@ class RandomDrop(SeededStrategy):
         image = seq.is_kind(Kind.IMAGE)
         quota = torch.ceil(image.sum(dim=1) * self.keep).long()
         active = valid & (~image | top_image_tokens(self.rand(*image.shape, device=h.device), image, quota))
-        idx, ok = select(active)
-        hp, pp = gather(h, idx), gather(pos, idx)
-        pe = (gather(cos, idx), gather(sin, idx))
-        bias = attention_bias(pp, ok, pp, ok, h.dtype)
-        for layer in llm.layers[self.k :]:
-            self.stats.record(active, active)
-            hp = run_layer(llm, layer, hp, bias, pe, pp)
-        return llm.norm(scatter(h, idx, ok, hp))
+        return llm.norm(run_kept(llm, llm.layers[self.k :], h, pos, (cos, sin), active, self.stats))
