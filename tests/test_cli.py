@@ -100,6 +100,17 @@ def test_fit_two_steps_then_resume_then_evaluate(tmp_path: Path, capsys: pytest.
     assert any(r.get("test/ciou") for r in test_rows)
 
 
+def test_analyze_loads_like_every_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint that does not fit the recipe is one line and exit 2 here too, not a load_state_dict traceback."""
+    import torch
+
+    ckpt = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"llm.no_such_layer.weight": torch.zeros(2)}}, ckpt)
+    code = main(["analyze", "attention", "--recipe", TINY, "--ckpt", str(ckpt), f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "does not fit the recipe" in err[0]
+
+
 def test_model_summary_prints_no_flops_it_did_not_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning's summary counts FLOPs only from an example input this model does not have ("Total Flops: 0")."""
     lines: list[str] = []

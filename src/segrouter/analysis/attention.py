@@ -76,7 +76,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     from segrouter.build import build
-    from segrouter.checkpoints import load_state_dict
+    from segrouter.checkpoints import load_weights
     from segrouter.recipe import load_recipe
     from segrouter.registry import load_builtins, load_plugins
     from segrouter.runs import find_eval_checkpoint
@@ -86,7 +86,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     cfg = load_recipe(args.recipe, args.overrides)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
     model, data = build(cfg)
-    model.load_state_dict(load_state_dict(ckpt))
+    load_weights(model, ckpt)  # one line, exit 2, when the checkpoint does not fit the recipe
     model.eval()
     loader = data.val_dataloader()
     batches = [b for _, b in zip(range(args.batches), loader)]
