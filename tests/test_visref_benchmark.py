@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
        "trainer.limit_test_batches=1", "data.dataset.num_samples=64", "data.eval_batch_size=8",
-       "model.llm.hidden_size=32", "model.llm.num_layers=2", "model.llm.num_heads=2", "model.llm.intermediate_size=64"]
+       "model.llm.hidden_size=32", "model.llm.num_layers=4", "model.llm.num_heads=2", "model.llm.intermediate_size=64"]
 
 
 def _driver(*args: str) -> subprocess.CompletedProcess[str]:
@@ -20,7 +20,7 @@ def _driver(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_driver_runs_every_stage_and_writes_the_section(tmp_path: Path) -> None:
     doc = tmp_path / "results.md"
-    doc.write_text("# Results\n\nkept text\n")
+    doc.write_text("# Results\n\nkept text\n\n<!-- visref-tf:begin -->\n<!-- visref-tf:end -->\n")
     proc = _driver("--out", str(tmp_path / "runs"), "--seeds", "0", "1", "--doc", str(doc), *TOY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = doc.read_text()
@@ -37,6 +37,17 @@ def test_the_driver_runs_every_stage_and_writes_the_section(tmp_path: Path) -> N
     rebuilt = _driver("--out", str(runs), "--seeds", "0", "1", "--doc", str(doc), "--table-only", *TOY)
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
     assert doc.read_text().count("<!-- visref:begin -->") == 1
+
+    # training-free routing on the toy testbeds (benchmarks/visref_training_free.py)
+    tf = subprocess.run([sys.executable, "benchmarks/visref_training_free.py", "--runs", str(runs), "--out",
+                         str(tmp_path / "tf"), "--seeds", "0", "1", "--doc", str(doc), *TOY],
+                        capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert tf.returncode == 0, tf.stderr[-3000:]
+    text = doc.read_text()
+    for name in ("full", "token_routing", "fastv", "pdrop", "mod", "random"):
+        assert f"| {name} | " in text, name
+    assert "| full | 1.000 |" in text
+    assert "training_free: true" in (tmp_path / "tf" / "token_routing_s1" / "version_0" / "recipe.yaml").read_text()
 
 
 def test_one_seed_is_refused_in_one_line(tmp_path: Path) -> None:
