@@ -32,11 +32,10 @@ from segrouter.routing.base import (
     LayerStats,
     RoutingStrategy,
     TokenSequence,
-    attention_bias,
     last_instruction_token,
     received_attention,
+    run_all,
     run_kept,
-    run_layer,
     top_image_tokens,
     up_to_first_mask,
 )
@@ -77,14 +76,10 @@ class FastV(RoutingStrategy):
             )
 
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
-        h, pos, valid = seq.embeds, seq.positions, seq.valid
-        cos, sin = llm.rotary(h, pos)
-        bias = attention_bias(pos, valid, pos, valid, h.dtype)
+        pos, valid = seq.positions, seq.valid
+        cos, sin = llm.rotary(seq.embeds, pos)
         self.stats = LayerStats()
-        for layer in llm.layers[: self.k]:
-            layer_input = h
-            self.stats.record(valid, valid)
-            h = run_layer(llm, layer, h, bias, (cos, sin), pos)
+        h, layer_input = run_all(llm, llm.layers[: self.k], seq.embeds, pos, valid, (cos, sin), self.stats)
 
         queries = up_to_first_mask(seq.kinds) if self.rank_by == "all" else last_instruction_token(seq.kinds)
         scores = received_attention(llm.layers[self.k - 1], layer_input, (cos, sin), pos, valid, queries)

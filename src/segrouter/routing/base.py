@@ -176,6 +176,20 @@ def top_image_tokens(scores: torch.Tensor, image: torch.Tensor, keep: torch.Tens
     return image & (rank < keep[:, None])
 
 
+def run_all(llm: CausalLLM, layers: nn.ModuleList, h: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+            position_embeddings: tuple[torch.Tensor, torch.Tensor], stats: LayerStats
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``layers`` on every valid token (the dense layers before a pruning strategy acts). Returns the
+    output and the input of the last layer (what FastV's ranking recomputes that layer's attention from)."""
+    bias = attention_bias(positions, valid, positions, valid, h.dtype)
+    layer_input = h
+    for layer in layers:
+        layer_input = h
+        stats.record(valid, valid)
+        h = run_layer(llm, layer, h, bias, position_embeddings, positions)
+    return h, layer_input
+
+
 def run_kept(llm: CausalLLM, layers: nn.ModuleList, h: torch.Tensor, positions: torch.Tensor,
              position_embeddings: tuple[torch.Tensor, torch.Tensor], active: torch.Tensor,
              stats: LayerStats) -> torch.Tensor:

@@ -25,9 +25,8 @@ from segrouter.routing.base import (
     LayerStats,
     SeededStrategy,
     TokenSequence,
-    attention_bias,
+    run_all,
     run_kept,
-    run_layer,
     top_image_tokens,
 )
 
@@ -57,13 +56,10 @@ class RandomDrop(SeededStrategy):
                               where="model.routing.k", fix=f"use 0 <= k <= {llm.num_layers - 1}")
 
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
-        h, pos, valid = seq.embeds, seq.positions, seq.valid
-        cos, sin = llm.rotary(h, pos)
-        bias = attention_bias(pos, valid, pos, valid, h.dtype)
+        pos, valid = seq.positions, seq.valid
+        cos, sin = llm.rotary(seq.embeds, pos)
         self.stats = LayerStats()
-        for layer in llm.layers[: self.k]:
-            self.stats.record(valid, valid)
-            h = run_layer(llm, layer, h, bias, (cos, sin), pos)
+        h, _ = run_all(llm, llm.layers[: self.k], seq.embeds, pos, valid, (cos, sin), self.stats)
 
         image = seq.is_kind(Kind.IMAGE)
         quota = torch.ceil(image.sum(dim=1) * self.keep).long()
