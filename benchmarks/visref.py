@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,11 +243,12 @@ def _values(train_run: RunSummary, eval_run: RunSummary, controlled: bool) -> di
             "test/name_acc": eval_run.values.get("test/name_acc")}
 
 
-def write_section(text: str, doc: Path) -> None:
-    body = f"{BEGIN}\n{text}\n{END}"
+def write_section(text: str, doc: Path, begin: str = BEGIN, end: str = END) -> None:
+    """Put ``text`` between the ``begin``/``end`` markers of ``doc`` (appended with them when absent)."""
+    body = f"{begin}\n{text}\n{end}"
     old = doc.read_text()
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + body + old[old.index(END) + len(END):]
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + body + old[old.index(end) + len(end):]
     else:
         new = old.rstrip("\n") + "\n\n" + body + "\n"
     doc.write_text(new)
@@ -285,9 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_script(main: Callable[[], int], name: str) -> None:
+    """Exit with ``main``'s code; a bad argument or a failed segrouter command is one line and exit code 2
+    (the command's own output, above, says why)."""
     try:
         sys.exit(main())
     except (SegrouterError, subprocess.CalledProcessError) as exc:
-        print(f"visref.py: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_script(main, "visref.py")

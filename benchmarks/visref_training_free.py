@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,10 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from visref import best_checkpoint, run  # noqa: E402
+from visref import best_checkpoint, run, run_script, write_section  # noqa: E402
 
 from segrouter.compare import summarize  # noqa: E402
-from segrouter.errors import SegrouterError  # noqa: E402
 
 STRATEGIES = ("full", "token_routing", "fastv", "pdrop", "mod", "random")
 BEGIN, END = "<!-- visref-tf:begin -->", "<!-- visref-tf:end -->"
@@ -69,16 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     doc = Path(args.doc)
     old = doc.read_text()
-    if BEGIN not in old or END not in old:
+    if BEGIN not in old or END not in old:  # the table belongs inside the benchmark's section, not at the end
         print(f"visref_training_free.py: error: {doc} has no {BEGIN} … {END} markers", file=sys.stderr)
         return 2
-    doc.write_text(old[: old.index(BEGIN)] + f"{BEGIN}\n{text}\n{END}" + old[old.index(END) + len(END):])
+    write_section(text, doc, BEGIN, END)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (SegrouterError, subprocess.CalledProcessError) as exc:
-        print(f"visref_training_free.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "visref_training_free.py")
