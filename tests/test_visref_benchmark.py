@@ -29,6 +29,8 @@ def test_the_driver_runs_every_stage_and_writes_the_section(tmp_path: Path) -> N
                 "testbed, tokens zeroed | zero | 0", "trained blind (no visual tokens) | blind | 1", "mean ± std | 2"):
         assert row in text, row
     assert "| acceptance check (issue 12) | met |" in text and "best text-only guess of the name" in text
+    assert "| testbed pipeline (pretraining, testbed, its evaluations) ≤ 30 min per seed (longest: " in text
+    assert "seed 1: load average at start " in text and ", testbed evaluations " in text and ", blind " in text
     runs = tmp_path / "runs"
     assert (runs / "visref_pretrain_s1" / "version_0" / "checkpoints" / "last.ckpt").exists()
     assert "control: shuffle" in (runs / "visref_s0" / "version_2" / "recipe.yaml").read_text()
@@ -54,3 +56,10 @@ def test_one_seed_is_refused_in_one_line(tmp_path: Path) -> None:
     proc = _driver("--out", str(tmp_path), "--seeds", "0")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "visref.py: error: the seed spread needs at least 2 seeds — pass e.g. --seeds 0 1"]
+
+
+def test_a_missing_doc_is_refused_before_any_training(tmp_path: Path) -> None:
+    proc = _driver("--out", str(tmp_path / "runs"), "--seeds", "0", "1", "--doc", str(tmp_path / "none.md"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"visref.py: error: no such file: {tmp_path / 'none.md'} — pass --doc an existing markdown file"]
+    assert not (tmp_path / "runs").exists()
