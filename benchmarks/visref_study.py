@@ -75,9 +75,9 @@ def table(out: Path, seeds: list[int], command: str) -> str:
     def test(prefix: str, arm: str, seed: int, k: int) -> dict[str, float]:
         return summarize(out / f"{prefix}_{_slug(arm)}_s{seed}" / f"version_{k}").values
 
-    rows = ["| arm (knobs) | LLM FLOPs / full | training-free cIoU | fine-tuned cIoU | fine-tuned name_acc "
-            "| fine-tuned − full (cIoU points) |",
-            "|---|---:|---:|---:|---:|---:|"]
+    header = ("| arm (knobs) | LLM FLOPs / full | training-free cIoU | fine-tuned cIoU | fine-tuned name_acc "
+              "| fine-tuned − full (cIoU points) |")
+    rows = [header, "|---|---:|---:|---:|---:|---:|"]
     full_ft = {s: test("ft", "full", s, 1)["test/ciou"] for s in seeds}
     for arm, knobs in ARMS.items():
         ratio = statistics.mean(test("ft", arm, s, 1)["llm_flops"] / test("ft", "full", s, 1)["llm_flops"]
