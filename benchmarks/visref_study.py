@@ -51,12 +51,13 @@ def _slug(arm: str) -> str:
     return arm.replace(", ", "-").replace(" ", "_")
 
 
-def evaluate(runs: Path, out: Path, seed: int, steps: int, lr: float, overrides: list[str]) -> None:
-    """Both arms of every method for one seed's testbed."""
+def evaluate(runs: Path, out: Path, seed: int, arms: list[str], steps: int, lr: float, overrides: list[str]) -> None:
+    """Both measurements of every arm for one seed's testbed."""
     ckpt = str(best_checkpoint(runs / f"visref_s{seed}" / "version_0"))
     common = ("--recipe", "recipes/visref.yaml", f"output_dir={out}", f"seed={seed}",
               "trainer.enable_progress_bar=false")
-    for arm, knobs in ARMS.items():
+    for arm in arms:
+        knobs = ARMS[arm]
         run("test", *common, f"name=tf_{_slug(arm)}_s{seed}", "--ckpt", ckpt, "--training-free", *knobs, *overrides)
         name = f"ft_{_slug(arm)}_s{seed}"
         run("fit", *common, f"name={name}", f"init_from={ckpt}", "init_modules=[]", f"trainer.max_steps={steps}",
@@ -71,7 +72,7 @@ def _stat(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def table(out: Path, seeds: list[int], command: str) -> str:
+def table(out: Path, seeds: list[int], arms: list[str], command: str) -> str:
     def test(prefix: str, arm: str, seed: int, k: int) -> dict[str, float]:
         return summarize(out / f"{prefix}_{_slug(arm)}_s{seed}" / f"version_{k}").values
 
@@ -79,7 +80,8 @@ def table(out: Path, seeds: list[int], command: str) -> str:
               "| fine-tuned − full (cIoU points) |")
     rows = [header, "|---|---:|---:|---:|---:|---:|"]
     full_ft = {s: test("ft", "full", s, 1)["test/ciou"] for s in seeds}
-    for arm, knobs in ARMS.items():
+    for arm in arms:
+        knobs = ARMS[arm]
         ratio = statistics.mean(test("ft", arm, s, 1)["llm_flops"] / test("ft", "full", s, 1)["llm_flops"]
                                 for s in seeds)
         free = [test("tf", arm, s, 0)["test/ciou"] for s in seeds]
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/visref", help="benchmarks/visref.py's output folder")
     parser.add_argument("--out", default="runs/visref_study", help="folder for the evaluations and fine-tunes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), metavar="ARM",
+                        help=f"a subset of the arms (full is always run): {', '.join(map(repr, ARMS))}")
     parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps, the same for every arm")
     parser.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (cosine, 20 warm-up steps)")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
@@ -112,13 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         print(f"visref_study.py: error: --steps {args.steps} must be at least 1", file=sys.stderr)
         return 2
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        print(f"visref_study.py: error: unknown arm {unknown[0]!r} — choose from {', '.join(map(repr, ARMS))}",
+              file=sys.stderr)
+        return 2
+    arms = [a for a in ARMS if a == "full" or a in args.arms]
     out = Path(args.out).resolve()
     if not args.table_only:
         for seed in args.seeds:
-            evaluate(Path(args.runs).resolve(), out, seed, args.steps, args.lr, args.overrides)
+            evaluate(Path(args.runs).resolve(), out, seed, arms, args.steps, args.lr, args.overrides)
+    chosen = [] if arms == list(ARMS) else ["--arms", *arms]
     command = shlex.join(["python", "benchmarks/visref_study.py", "--runs", args.runs, "--seeds",
-                          *map(str, args.seeds), "--steps", str(args.steps), "--lr", str(args.lr), *args.overrides])
-    text = table(out, args.seeds, command)
+                          *map(str, args.seeds), *chosen, "--steps", str(args.steps), "--lr", str(args.lr),
+                          *args.overrides])
+    text = table(out, args.seeds, arms, command)
     print(text)
     write_section(text, doc, BEGIN, END)
     return 0

@@ -40,16 +40,27 @@ def test_the_driver_runs_every_stage_and_writes_the_section(tmp_path: Path) -> N
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
     assert doc.read_text().count("<!-- visref:begin -->") == 1
 
-    # training-free routing on the toy testbeds (benchmarks/visref_training_free.py)
-    tf = subprocess.run([sys.executable, "benchmarks/visref_training_free.py", "--runs", str(runs), "--out",
-                         str(tmp_path / "tf"), "--seeds", "0", "1", "--doc", str(doc), *TOY],
-                        capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert tf.returncode == 0, tf.stderr[-3000:]
+    # the method study on the toy testbeds (benchmarks/visref_study.py): training-free and fine-tuned arms
+    doc.write_text(doc.read_text() + "\n<!-- visref-study:begin -->\n<!-- visref-study:end -->\n")
+    study = subprocess.run([sys.executable, "benchmarks/visref_study.py", "--runs", str(runs), "--out",
+                            str(tmp_path / "study"), "--seeds", "0", "1", "--arms", "token_routing", "--steps", "2",
+                            "--doc", str(doc), *TOY[1:]], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert study.returncode == 0, study.stderr[-3000:]
     text = doc.read_text()
-    for name in ("full", "token_routing", "fastv", "pdrop", "mod", "random"):
-        assert f"| {name} | " in text, name
-    assert "| full | 1.000 |" in text
-    assert "training_free: true" in (tmp_path / "tf" / "token_routing_s1" / "version_0" / "recipe.yaml").read_text()
+    assert "| full | 1.000 | " in text and "| token_routing (route_start=0, num_proxies=8) | 0." in text
+    assert "--arms full token_routing --steps 2" in text
+    tuned = (tmp_path / "study" / "ft_token_routing_s1" / "version_0" / "recipe.yaml").read_text()
+    assert "init_modules: []" in tuned and "max_steps: 2" in tuned and "name: token_routing" in tuned
+    assert "training_free: true" in (tmp_path / "study" / "tf_full_s0" / "version_0" / "recipe.yaml").read_text()
+
+
+def test_the_study_refuses_an_unknown_arm_in_one_line(tmp_path: Path) -> None:
+    doc = tmp_path / "results.md"
+    doc.write_text("<!-- visref-study:begin -->\n<!-- visref-study:end -->\n")
+    proc = subprocess.run([sys.executable, "benchmarks/visref_study.py", "--runs", str(tmp_path), "--doc", str(doc),
+                           "--arms", "fastvv"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("visref_study.py: error: unknown arm 'fastvv' — choose from 'full', ")
 
 
 def test_one_seed_is_refused_in_one_line(tmp_path: Path) -> None:
