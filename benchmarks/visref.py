@@ -9,7 +9,9 @@ the acceptance checks into docs/results.md (between the "visref" markers).
     python benchmarks/visref.py --out runs/visref --seeds 0 1 [key=value ...]
 
 Every step is a ``segrouter`` command (printed before it runs), so any row can be reproduced by hand;
-``key=value`` overrides go to every training command (e.g. ``trainer.max_steps=200`` for a dry run).
+``key=value`` overrides go to every training command (e.g. ``trainer.max_steps=200`` for a dry run). A seed
+whose runs and stage times are already in ``--out`` is not rerun, so a benchmark cut off after a seed goes on
+from the next one (delete the seed's folders to rerun it).
 """
 
 from __future__ import annotations
@@ -275,11 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     minutes = {int(k): v for k, v in json.loads(timings.read_text()).items()} if timings.exists() else {}
     runs = {}
     for seed in args.seeds:
-        if args.table_only:
-            runs[seed] = {FULL: [version(out, f"{FULL}_s{seed}", k) for k in (0, 1)],
-                          BLIND: [version(out, f"{BLIND}_s{seed}", k) for k in (0, 1)],
-                          **{f"{FULL}+{c}": [version(out, f"{FULL}_s{seed}", 0), version(out, f"{FULL}_s{seed}", k)]
-                             for k, c in enumerate(CONTROLS, start=2)}}
+        done = {FULL: [version(out, f"{FULL}_s{seed}", k) for k in (0, 1)],
+                BLIND: [version(out, f"{BLIND}_s{seed}", k) for k in (0, 1)],
+                **{f"{FULL}+{c}": [version(out, f"{FULL}_s{seed}", 0), version(out, f"{FULL}_s{seed}", k)]
+                   for k, c in enumerate(CONTROLS, start=2)}}
+        if args.table_only or (seed in minutes and all(p.is_dir() for paths in done.values() for p in paths)):
+            if not args.table_only:
+                print(f"visref.py: seed {seed} is complete in {out} (its runs and timings.json): not rerun", flush=True)
+            runs[seed] = done
         else:
             runs[seed], minutes[seed] = train_and_evaluate(out, seed, args.overrides)
             timings.write_text(json.dumps(minutes))
