@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-from segrouter.errors import RecipeError
+from segrouter.errors import ParamError
 from segrouter.llms.base import CausalLLM
 from segrouter.registry import register
 from segrouter.routing.base import (
@@ -55,23 +55,23 @@ class FastV(RoutingStrategy):
         """Called by the registry when a recipe is validated (before any model is built), and by __init__."""
         k, ratio = params["k"], params["ratio"]
         if not 0.0 <= ratio < 1.0:
-            raise RecipeError(
+            raise ParamError(
                 f"ratio {ratio} is outside [0, 1)",
-                where="model.routing.ratio",
+                param="ratio",
                 fix="set the fraction of image tokens to drop, e.g. 0.5",
             )
         if k < 1:
-            raise RecipeError(
+            raise ParamError(
                 f"k={k}: FastV ranks tokens by the attention of layer k, which must be >= 1",
-                where="model.routing.k",
+                param="k",
             )
 
     def setup(self, llm: CausalLLM) -> None:
         """Check ``k`` against the depth, which is only known once the LLM is built."""
         if self.k >= llm.num_layers:
-            raise RecipeError(
+            raise ParamError(
                 f"k={self.k} leaves no layer to prune in a {llm.num_layers}-layer LLM",
-                where="model.routing.k",
+                param="k",
                 fix=f"use 1 <= k <= {llm.num_layers - 1}",
             )
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from segrouter.errors import RecipeError
+from segrouter.errors import ParamError
 from segrouter.llms.base import CausalLLM
 from segrouter.registry import register
 from segrouter.routing.base import (
@@ -44,16 +44,16 @@ class RandomDrop(SeededStrategy):
     def check_params(**params: Any) -> None:
         """Ranges that need no LLM; ``k`` is checked against the depth in :meth:`setup`."""
         if not 0.0 < params["keep"] <= 1.0:
-            raise RecipeError(f"keep {params['keep']} is outside (0, 1]", where="model.routing.keep",
-                              fix="set the fraction of image tokens kept, e.g. 0.5")
+            raise ParamError(f"keep {params['keep']} is outside (0, 1]", param="keep",
+                             fix="set the fraction of image tokens kept, e.g. 0.5")
         if params["k"] < 0:
-            raise RecipeError(f"k={params['k']} must be >= 0 (the number of layers that see every token)",
-                              where="model.routing.k")
+            raise ParamError(f"k={params['k']} must be >= 0 (the number of layers that see every token)",
+                             param="k")
 
     def setup(self, llm: CausalLLM) -> None:
         if self.k >= llm.num_layers:
-            raise RecipeError(f"k={self.k} leaves no layer to prune in a {llm.num_layers}-layer LLM",
-                              where="model.routing.k", fix=f"use 0 <= k <= {llm.num_layers - 1}")
+            raise ParamError(f"k={self.k} leaves no layer to prune in a {llm.num_layers}-layer LLM",
+                             param="k", fix=f"use 0 <= k <= {llm.num_layers - 1}")
 
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
         pos, valid = seq.positions, seq.valid
