@@ -10,8 +10,10 @@ tokens are skipped (removing tokens must not shift positions — see GAP/PAYN in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Literal
 
 import torch
 from torch import nn
@@ -109,6 +111,21 @@ class SeededStrategy(RoutingStrategy):
         if self.training:
             return torch.rand(shape, device=device)
         return torch.rand(shape, generator=self.eval_generator).to(device)
+
+
+def resolve_layer(spec: int | float, num_layers: int, *, rounding: Literal["floor", "nearest"] = "floor") -> int:
+    """The layer index a recipe value names: an int is the index itself, a float the fraction ``spec`` of the
+    depth, ``spec · num_layers`` rounded down (``"floor"``: the first layer at or past that fraction) or half
+    up to the nearest layer (``"nearest"``). Range checks stay with the caller, which knows what the index means.
+
+    Token routing floors its ``insert_layer`` / ``route_start``; PyramidDrop rounds its stage boundaries to the
+    nearest layer (its default 0.25/0.5/0.75 is the paper's 8/16/24 of 32). The two agree unless the product
+    has a fractional part of at least one half (0.25 of 22 layers: 5 floored, 6 nearest); each method keeps
+    the rounding its measured results were made with (tests/test_routing_layers.py pins both)."""
+    if isinstance(spec, float):
+        scaled = spec * num_layers
+        return math.floor(scaled + 0.5) if rounding == "nearest" else math.floor(scaled)
+    return int(spec)
 
 
 def up_to_first_mask(kinds: torch.Tensor) -> torch.Tensor:

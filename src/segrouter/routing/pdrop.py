@@ -32,6 +32,7 @@ from segrouter.routing.base import (
     gather,
     last_instruction_token,
     received_attention,
+    resolve_layer,
     run_layer,
     scatter,
     select,
@@ -78,7 +79,7 @@ class PyramidDrop(RoutingStrategy):
 
     def setup(self, llm: CausalLLM) -> None:
         n = llm.num_layers
-        resolved = [v if isinstance(v, int) else int(v * n + 0.5) for v in self.layers]
+        resolved = [resolve_layer(v, n, rounding="nearest") for v in self.layers]
         if any(b < 1 or b >= n for b in resolved) or any(a >= b for a, b in zip(resolved, resolved[1:])):
             raise ParamError(
                 f"stage boundaries resolve to layers {resolved} of a {n}-layer LLM",

@@ -56,6 +56,7 @@ from segrouter.routing.base import (
     ffn_update,
     gather,
     received_attention,
+    resolve_layer,
     run_layer,
     scatter,
     select,
@@ -110,8 +111,8 @@ def spread_points(count: int, device: torch.device | None = None) -> torch.Tenso
 
 
 def _layer_index(value: int | float, num_layers: int, name: str) -> int:
-    """An absolute layer index from an int, or a fraction of the depth from a float in [0, 1]."""
-    idx = int(math.floor(value * num_layers)) if isinstance(value, float) else int(value)
+    """An absolute layer index from an int, or a fraction of the depth (floored) from a float in [0, 1]."""
+    idx = resolve_layer(value, num_layers)
     if not 0 <= idx <= num_layers:
         raise ParamError(
             f"{name}={value} is outside the LLM's {num_layers} layers",
