@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from segrouter.compressors.base import grid_coords
 from segrouter.errors import SegrouterError
 from segrouter.flops import META, count_flops, count_meta_flops
+from segrouter.geometry import grid_coords
 from segrouter.llms.base import CausalLLM
 from segrouter.routing.base import Kind, RoutingStrategy, TokenSequence
 

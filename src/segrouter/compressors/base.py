@@ -34,9 +34,3 @@ class Compressor(nn.Module):
     def forward(self, features: torch.Tensor, images: torch.Tensor) -> VisualTokens:  # pragma: no cover
         raise NotImplementedError
 
-
-def grid_coords(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
-    """(h*w, 2) cell centres of an h×w grid in [0, 1], row-major like the flattened patch tokens."""
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
-    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)

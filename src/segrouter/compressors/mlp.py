@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segrouter.compressors.base import Compressor, VisualTokens, grid_coords
+from segrouter.compressors.base import Compressor, VisualTokens
+from segrouter.geometry import grid_coords
 from segrouter.registry import register
 
 

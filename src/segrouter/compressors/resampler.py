@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from segrouter.compressors.base import Compressor, VisualTokens, grid_coords
+from segrouter.compressors.base import Compressor, VisualTokens
 from segrouter.errors import ParamError
+from segrouter.geometry import grid_coords
 from segrouter.registry import register
 
 
