@@ -20,15 +20,7 @@ import torch
 from segrouter.errors import ParamError
 from segrouter.llms.base import CausalLLM
 from segrouter.registry import register
-from segrouter.routing.base import (
-    Kind,
-    LayerStats,
-    SeededStrategy,
-    TokenSequence,
-    run_all,
-    run_kept,
-    top_image_tokens,
-)
+from segrouter.routing.base import Kind, LayerStats, SeededStrategy, TokenSequence, run_dense, run_pruned
 
 
 @register("routing", "random")
@@ -56,12 +48,7 @@ class RandomDrop(SeededStrategy):
                              param="k", fix=f"use 0 <= k <= {llm.num_layers - 1}")
 
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
-        pos, valid = seq.positions, seq.valid
-        cos, sin = llm.rotary(seq.embeds, pos)
         self.stats = LayerStats()
-        h, _ = run_all(llm, llm.layers[: self.k], seq.embeds, pos, valid, (cos, sin), self.stats)
-
-        image = seq.is_kind(Kind.IMAGE)
-        quota = torch.ceil(image.sum(dim=1) * self.keep).long()
-        active = valid & (~image | top_image_tokens(self.rand(*image.shape, device=h.device), image, quota))
-        return llm.norm(run_kept(llm, llm.layers[self.k :], h, pos, (cos, sin), active, self.stats))
+        h, _, pe = run_dense(llm, seq, self.k, self.stats)
+        quota = torch.ceil(seq.is_kind(Kind.IMAGE).sum(dim=1) * self.keep).long()
+        return run_pruned(llm, seq, self.k, h, pe, self.rand(*seq.kinds.shape, device=h.device), quota, self.stats)
