@@ -1,5 +1,6 @@
-"""The contract every compressor meets, the token container it returns, and :func:`variant`, which makes a
-compressor that only fixes or re-defaults another's parameters a few lines long."""
+"""The contract every compressor meets, the token container it returns, the projector shape several share
+(:func:`projection`), and :func:`variant`, which makes a compressor that only fixes or re-defaults another's
+parameters a few lines long."""
 
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ class Compressor(nn.Module):
 
     def forward(self, features: torch.Tensor, images: torch.Tensor) -> VisualTokens:  # pragma: no cover
         raise NotImplementedError
+
+
+def projection(in_dim: int, out_dim: int, depth: int) -> nn.Sequential:
+    """LLaVA-1.5's projector shape: ``depth`` Linear layers with GELU between (``mlp2x_gelu`` for 2)."""
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    for _ in range(depth - 1):
+        layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+    return nn.Sequential(*layers)
 
 
 def variant(base: type[Compressor], *, fixed: Mapping[str, Any], hidden: Iterable[str] = (),

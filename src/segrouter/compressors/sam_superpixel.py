@@ -33,8 +33,7 @@ import torch
 from scipy.ndimage import find_objects
 from torch import nn
 
-from segrouter.compressors.base import Compressor, VisualTokens
-from segrouter.compressors.mlp import projection
+from segrouter.compressors.base import Compressor, VisualTokens, projection
 from segrouter.errors import ParamError, SegrouterError
 from segrouter.registry import register
 from segrouter.superpixels import PartitionCache, SAMAutomaticMaskGenerator, SLICGenerator
