@@ -264,6 +264,23 @@ def test_recipe_validates_and_builds(tmp_path: Path, recipe: str) -> None:
     assert out["visual_tokens"].tolist() == [expected_tokens] * 2
 
 
+def test_slic_superpixel_variant_lists_and_checks_only_its_parameters() -> None:
+    entry = registry("compressor").get("slic_superpixel")
+    assert entry.context() == ["in_dim", "out_dim", "grid_size"]
+    assert [p.describe() for p in entry.params().values()] == [
+        "n_segments: int = 24", "compactness: float = 20.0", "min_area: int = 16", "max_regions: int = 64",
+        "cache_dir: str | None = None", "positional_embedding: bool = True", "aggregator: bool = True",
+        "aggregator_heads: int = 4", "context_tokens: int = 4", "depth: int = 2"]
+    with pytest.raises(RecipeError, match="'generator' is not a parameter of compressor 'slic_superpixel'"):
+        registry("compressor").validate({"name": "slic_superpixel", "generator": "sam"}, "model.compressor")
+    with pytest.raises(RecipeError, match=r"^model.compressor.n_segments: n_segments must be at least 1, got 0$"):
+        registry("compressor").validate({"name": "slic_superpixel", "n_segments": 0}, "model.compressor")
+    projector = registry("compressor").build({"name": "slic_superpixel", "min_area": 4}, 16, 32, (4, 4))
+    assert type(projector).__name__ == "SLICSuperpixelProjector"
+    assert projector.generator.settings() == {"n_segments": 24, "compactness": 20.0, "colour_threshold": 0.0,
+                                              "min_area": 4, "max_regions": 64}
+
+
 def test_slic_superpixel_is_the_ssp_projector_with_slic_regions(tmp_path) -> None:
     from conftest import build_model, tiny_cfg
 

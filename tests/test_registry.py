@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from segrouter.errors import RecipeError, SegrouterError
+from segrouter.errors import ParamError, RecipeError, SegrouterError, recipe_path
 from segrouter.registry import Registry, load_builtins, load_plugin_file, registry, type_matches
 
 
@@ -68,6 +68,40 @@ def test_required_parameter_missing() -> None:
     r.register("needs")(Needs)
     with pytest.raises(RecipeError, match="missing required parameter 'size'"):
         r.validate({"name": "needs"}, where="x")
+
+
+class _Picky:
+    def __init__(self, width: int, /, *, depth: int = 2) -> None:
+        self.check_params(depth=depth)
+        if width % depth:
+            raise ParamError(f"width {width} is not divisible by depth {depth}", param="depth", fix="pick another depth")
+        self.depth = depth
+
+    @staticmethod
+    def check_params(**p: int) -> None:
+        if p["depth"] < 1:
+            raise ParamError(f"depth {p['depth']} is below 1", param="depth")
+
+    def setup(self, layers: int) -> None:
+        if layers < self.depth:
+            raise ParamError(f"{layers} layers are fewer than depth {self.depth}")
+
+
+def test_component_errors_name_the_path_they_are_built_under() -> None:
+    r = Registry("thing")
+    r.register("picky")(_Picky)
+    for where in ("model.thing", "B: model.thing"):  # a recipe's path, and bench's own for a second candidate
+        with pytest.raises(RecipeError) as err:
+            r.validate({"name": "picky", "depth": 0}, where)
+        assert str(err.value) == f"{where}.depth: depth 0 is below 1"
+        with pytest.raises(RecipeError) as err:
+            r.build({"name": "picky", "depth": 3}, 8, where=where)
+        assert str(err.value) == f"{where}.depth: width 8 is not divisible by depth 3 — pick another depth"
+        with pytest.raises(RecipeError) as err, recipe_path(where):
+            r.build({"name": "picky", "depth": 2}, 8, where=where).setup(1)
+        assert str(err.value) == f"{where}: 1 layers are fewer than depth 2"
+    with pytest.raises(ParamError, match=r"^depth: depth 0 is below 1$"):  # built by hand: the parameter alone
+        _Picky(8, depth=0)
 
 
 def test_type_matches() -> None:

@@ -174,12 +174,14 @@ def routing_nodes(scale: Scale) -> dict[str, dict[str, Any]]:
 
 def strategies(llm: CausalLLM, nodes: dict[str, dict[str, Any]], *, device: torch.device,
                dtype: torch.dtype) -> dict[str, RoutingStrategy]:
+    from segrouter.errors import recipe_path
     from segrouter.registry import registry
 
     out = {}
     for name, node in nodes.items():
         strat = registry("routing").build(node, where=f"{name}: model.routing")
-        with torch.device(device):  # token routing's projectors are 0.2 B parameters at 7B: made on the device
+        # token routing's projectors are 0.2 B parameters at 7B: made on the device
+        with torch.device(device), recipe_path(f"{name}: model.routing"):
             strat.setup(llm)
         out[name] = strat.to(dtype=dtype).train(llm.training)
     return out

@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from segrouter.compressors.base import grid_coords
 from segrouter.errors import SegrouterError
 from segrouter.flops import META, count_flops, count_meta_flops
+from segrouter.geometry import grid_coords
 from segrouter.llms.base import CausalLLM
 from segrouter.routing.base import Kind, RoutingStrategy, TokenSequence
 
@@ -164,6 +164,7 @@ def random_llm(name: str, *, num_mask_tokens: int, device: torch.device, dtype: 
 
 def _random_init(args: argparse.Namespace, nodes: dict[str, dict[str, Any]], device: torch.device,
                  dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy], dict[str, float], dict[str, Any]]:
+    from segrouter.errors import recipe_path
     from segrouter.registry import registry
 
     weights = META if args.flops_only else device  # flops-only: weights and hidden states without storage
@@ -178,7 +179,8 @@ def _random_init(args: argparse.Namespace, nodes: dict[str, dict[str, Any]], dev
         seq = dataclasses.replace(seq, embeds=seq.embeds.to(weights))
         with torch.device(weights):
             strat = registry("routing").build(node, where=f"{name}: model.routing")
-            strat.setup(llm)
+            with recipe_path(f"{name}: model.routing"):
+                strat.setup(llm)
         strat.to(device=weights, dtype=dtype).eval()
         strategies[name] = strat
         runs[name] = (lambda s=strat, q=seq: s(llm, q))

@@ -3,7 +3,7 @@
 One image (``--image --text --out [--overlay]``), a JSON-lines file (``--jsonl``: one
 ``{"image", "text", "out"[, "overlay"]}`` per line, relative paths taken from the file's folder) or a folder
 (``--folder DIR --text ... --out-dir OUT``: ``OUT/<stem>_mask.png`` and ``<stem>_overlay.png`` per image).
-Images are resized as in training (longest side + pad, see :mod:`segrouter.datasets.refcoco`); the mask
+Images are resized as in training (longest side + pad, see :mod:`segrouter.images`); the mask
 is cropped back out of the padding and resized to the original size, so it lies on the input pixels.
 Masks are written as 8-bit PNGs, 255 = object. An output path that is one of the input images is refused
 before anything is written.
@@ -88,7 +88,7 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
 def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: torch.device) -> tuple[np.ndarray, int]:
     """Bool (H, W) mask at the image's own size for one expression, and how many visual tokens the LLM
     read (adaptive compressors such as ``sam_superpixel`` vary it per image)."""
-    from segrouter.datasets.refcoco import letterbox, letterbox_size
+    from segrouter.images import letterbox, letterbox_size
 
     size = model.image_size
     img, _ = letterbox(image, None, size)
@@ -109,7 +109,7 @@ def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.I
 
 
 def _read(path: Path) -> Image.Image:
-    from segrouter.datasets.refcoco import BAD_IMAGE_ERRORS, open_image
+    from segrouter.images import BAD_IMAGE_ERRORS, open_image
 
     if not path.is_file():
         raise DataError(f"image not found: {path}", fix="check the image path")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segrouter.errors import RecipeError, SegrouterError, did_you_mean
+from segrouter.errors import RecipeError, SegrouterError, did_you_mean, recipe_path
 
 KINDS: tuple[str, ...] = ("vision_encoder", "compressor", "llm", "routing", "mask_decoder", "dataset")
 ENTRY_POINT_GROUP = "segrouter.plugins"
@@ -166,7 +166,8 @@ class Registry:
         check = getattr(entry.factory, "check_params", None)
         if callable(check):  # value ranges, so that a recipe fails at validation, before anything is built
             try:
-                check(**{**{n: p.default for n, p in params.items() if not p.required}, **kwargs})
+                with recipe_path(where):
+                    check(**{**{n: p.default for n, p in params.items() if not p.required}, **kwargs})
             except ValueError as exc:  # a plugin may reject values the Python way rather than with RecipeError
                 raise RecipeError(f"{self.kind} '{entry.name}' rejects these values: {exc}", where=where,
                                   fix="fix the values (its check_params raised ValueError)") from None
@@ -174,8 +175,10 @@ class Registry:
 
     def build(self, node: Mapping[str, Any], *context: Any, where: str | None = None) -> Any:
         """Validate ``node`` and call the factory with the context arguments and recipe parameters."""
-        entry, kwargs = self.validate(node, where or self.kind)
-        return entry.factory(*context, **kwargs)
+        where = where or self.kind
+        entry, kwargs = self.validate(node, where)
+        with recipe_path(where):
+            return entry.factory(*context, **kwargs)
 
 
 REGISTRIES: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}

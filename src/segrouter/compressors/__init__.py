@@ -2,6 +2,6 @@
 
 from segrouter.compressors import mlp, sam_superpixel, slic_superpixel  # noqa: F401  (registers built-ins)
 from segrouter.compressors import avgpool, resampler, tome  # noqa: F401  (efficiency baselines)
-from segrouter.compressors.base import Compressor, VisualTokens, grid_coords
+from segrouter.compressors.base import Compressor, VisualTokens
 
-__all__ = ["Compressor", "VisualTokens", "grid_coords"]
+__all__ = ["Compressor", "VisualTokens"]

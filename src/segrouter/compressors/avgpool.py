@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from segrouter.compressors.base import Compressor, VisualTokens
 from segrouter.compressors.mlp import MLPProjector
-from segrouter.errors import RecipeError
+from segrouter.errors import ParamError
 from segrouter.registry import register
 
 
@@ -21,9 +21,9 @@ class AvgPoolProjector(Compressor):
         h, w = grid_size
         if k < 1 or h % k or w % k:
             sizes = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
-            raise RecipeError(
+            raise ParamError(
                 f"pool size k={k} does not divide the {h}×{w} patch grid",
-                where="model.compressor.k",
+                param="k",
                 fix=f"use one of {sizes}",
             )
         self.k = k

@@ -1,11 +1,19 @@
-"""The contract every compressor meets, and the token container it returns."""
+"""The contract every compressor meets, the token container it returns, the projector shape several share
+(:func:`projection`), and :func:`variant`, which makes a compressor that only fixes or re-defaults another's
+parameters a few lines long."""
 
 from __future__ import annotations
 
+import inspect
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from segrouter.errors import SegrouterError
 
 
 @dataclass
@@ -35,8 +43,41 @@ class Compressor(nn.Module):
         raise NotImplementedError
 
 
-def grid_coords(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
-    """(h*w, 2) cell centres of an h×w grid in [0, 1], row-major like the flattened patch tokens."""
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
-    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
+def projection(in_dim: int, out_dim: int, depth: int) -> nn.Sequential:
+    """LLaVA-1.5's projector shape: ``depth`` Linear layers with GELU between (``mlp2x_gelu`` for 2)."""
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    for _ in range(depth - 1):
+        layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+    return nn.Sequential(*layers)
+
+
+def variant(base: type[Compressor], *, fixed: Mapping[str, Any], hidden: Iterable[str] = (),
+            defaults: Mapping[str, Any] | None = None) -> Callable[..., None]:
+    """An ``__init__`` for a subclass of ``base`` that only fixes some recipe parameters (``fixed``: passed with
+    these values, not settable), hides others (``hidden``: ``base``'s default) and changes defaults
+    (``defaults``) — timm's few-line variants, instead of re-declaring every parameter to pass it on.
+
+    Its signature, which ``segrouter list`` shows and the registry checks recipes against, is ``base``'s
+    without the fixed and hidden parameters and with the new defaults; calling it calls ``base.__init__`` with
+    every remaining parameter bound (defaults applied) plus the fixed ones."""
+    defaults = dict(defaults or {})
+    dropped = set(fixed) | set(hidden)
+    hints = typing.get_type_hints(base.__init__)
+    signature = inspect.signature(base.__init__)
+    unknown = (dropped | set(defaults)) - set(signature.parameters)
+    if unknown:
+        raise SegrouterError(f"variant of {base.__name__}: {sorted(unknown)} are not its parameters",
+                             fix="fix, hide or re-default only parameters the base class takes")
+    signature = signature.replace(parameters=[
+        p.replace(default=defaults.get(p.name, p.default), annotation=hints.get(p.name, p.annotation))
+        for p in signature.parameters.values() if p.name not in dropped
+    ])
+
+    def __init__(self: Compressor, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        base.__init__(*bound.args, **bound.kwargs, **fixed)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__annotations__ = {k: v for k, v in hints.items() if k not in dropped}
+    return __init__

@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from segrouter.compressors.base import Compressor, VisualTokens, grid_coords
+from segrouter.compressors.base import Compressor, VisualTokens, projection
+from segrouter.geometry import grid_coords
 from segrouter.registry import register
-
-
-def projection(in_dim: int, out_dim: int, depth: int) -> nn.Sequential:
-    """LLaVA-1.5's projector shape: ``depth`` Linear layers with GELU between (``mlp2x_gelu`` for 2)."""
-    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
-    for _ in range(depth - 1):
-        layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
-    return nn.Sequential(*layers)
 
 
 @register("compressor", "mlp")

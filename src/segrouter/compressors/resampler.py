@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from segrouter.compressors.base import Compressor, VisualTokens, grid_coords
-from segrouter.errors import RecipeError
+from segrouter.compressors.base import Compressor, VisualTokens
+from segrouter.errors import ParamError
+from segrouter.geometry import grid_coords
 from segrouter.registry import register
 
 
@@ -54,9 +55,9 @@ class Resampler(Compressor):
         super().__init__()
         self.check_params(num_queries=num_queries, depth=depth)
         if out_dim % num_heads:
-            raise RecipeError(
+            raise ParamError(
                 f"the LLM width {out_dim} is not divisible by num_heads={num_heads}",
-                where="model.compressor.num_heads",
+                param="num_heads",
                 fix="pick num_heads dividing the LLM hidden size",
             )
         h, w = grid_size
@@ -71,9 +72,8 @@ class Resampler(Compressor):
     def check_params(**p: Any) -> None:
         """Ranges checked at recipe validation; ``num_heads`` must divide the LLM width, checked at build."""
         if p["num_queries"] < 1 or p["depth"] < 1:
-            raise RecipeError(
+            raise ParamError(
                 f"num_queries={p['num_queries']} and depth={p['depth']} must both be >= 1",
-                where="model.compressor",
             )
 
     def forward(self, features: torch.Tensor, images: torch.Tensor) -> VisualTokens:

@@ -33,9 +33,8 @@ import torch
 from scipy.ndimage import find_objects
 from torch import nn
 
-from segrouter.compressors.base import Compressor, VisualTokens
-from segrouter.compressors.mlp import projection
-from segrouter.errors import RecipeError, SegrouterError
+from segrouter.compressors.base import Compressor, VisualTokens, projection
+from segrouter.errors import ParamError, SegrouterError
 from segrouter.registry import register
 from segrouter.superpixels import PartitionCache, SAMAutomaticMaskGenerator, SLICGenerator
 
@@ -264,4 +263,4 @@ def _pad(stats: list[RegionStats]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
-        raise RecipeError(f"{param} {message}", where=f"model.compressor.{param}")
+        raise ParamError(f"{param} {message}", param=param)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from segrouter.compressors.base import Compressor, VisualTokens
 from segrouter.compressors.mlp import MLPProjector
-from segrouter.errors import RecipeError
+from segrouter.errors import ParamError
 from segrouter.registry import register
 
 
@@ -58,9 +58,9 @@ class ToMeProjector(Compressor):
         n = grid_size[0] * grid_size[1]
         for step in range(steps):
             if not 1 <= r <= n // 2:
-                raise RecipeError(
+                raise ParamError(
                     f"r={r} at step {step + 1} of {steps}: {n} tokens remain and one step merges 1 to {n // 2}",
-                    where="model.compressor.r",
+                    param="r",
                     fix=f"lower r or steps (the {grid_size[0]}×{grid_size[1]} grid has {grid_size[0] * grid_size[1]} tokens)",
                 )
             n -= r

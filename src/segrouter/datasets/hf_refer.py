@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segrouter.datasets.refcoco import ReferringImageDataset, letterbox, open_image, polygons_to_mask
+from segrouter.datasets.base import ReferringImageDataset
 from segrouter.errors import DataError
+from segrouter.images import letterbox, open_image, polygons_to_mask
 from segrouter.registry import register
 
 
@@ -22,7 +23,7 @@ from segrouter.registry import register
 class HFReferDataset(ReferringImageDataset):
     """Reads split ``train``, ``val_split`` or ``test_split`` of ``datasets.load_from_disk(path)``.
     Set exactly one of ``mask_column`` / ``polygon_column``. Images are resized like :mod:`refcoco`
-    (longest side + pad); unreadable ones are skipped and counted."""
+    (longest side + pad, :mod:`segrouter.images`); unreadable ones are skipped and counted."""
 
     name = "hf_refer"
 

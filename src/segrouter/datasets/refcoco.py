@@ -1,5 +1,4 @@
-"""RefCOCO / RefCOCO+ / RefCOCOg in the standard ``refer`` layout, plus the image and mask handling that
-every real referring-segmentation dataset here shares (:class:`ReferringImageDataset`).
+"""RefCOCO / RefCOCO+ / RefCOCOg in the standard ``refer`` layout, and COCO's RLE masks.
 
 Layout (as distributed with LISA and the ``refer`` toolkit)::
 
@@ -12,54 +11,34 @@ Layout (as distributed with LISA and the ``refer`` toolkit)::
 One sample per (ref, sentence). ``refs(...).p`` is a pickle: loading it can run code, so it is read only
 from the ``root`` the user put in the recipe, never from anywhere else.
 
-Resizing follows LISA: the longest side is scaled to ``image_size`` and the image is zero-padded at the
-bottom/right to a square (LISA pads after normalising, so its padding is the mean colour; ours is black in
-[0, 1]). The mask goes through the same scale (nearest) and padding, so it stays aligned pixel for pixel.
+Resizing follows LISA (:func:`segrouter.images.letterbox`): the longest side is scaled to ``image_size`` and
+the image is zero-padded at the bottom/right to a square (LISA pads after normalising, so its padding is the
+mean colour; ours is black in [0, 1]). The mask goes through the same scale (nearest) and padding, so it
+stays aligned pixel for pixel. Skipping unreadable images is :class:`~segrouter.datasets.base.ReferringImageDataset`'s.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import pickle
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-from skimage.draw import polygon as draw_polygon
-from torch.utils.data import Dataset
 
+from segrouter.datasets.base import ReferringImageDataset
 from segrouter.errors import DataError
+from segrouter.images import letterbox, open_image, polygons_to_mask
 from segrouter.registry import register
 
 log = logging.getLogger(__name__)
 
 REFER_SPLITS: tuple[str, ...] = ("train", "val", "testA", "testB", "test")
-BAD_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)  # what PIL raises on broken files
 
 
 # ------------------------------------------------------------------------------------------ masks
-def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
-    """Union of COCO polygons ``[x0, y0, x1, y1, ...]`` as a bool (H, W) mask.
-
-    COCO coordinates are pixel edges (pixel (r, c) spans [c, c+1] × [r, r+1]); a pixel is inside when its
-    centre is, which matches ``pycocotools`` on axis-aligned shapes (it may differ by a pixel on slanted
-    edges, where pycocotools rasterises with its own sub-sampling)."""
-    mask = np.zeros((height, width), dtype=bool)
-    for poly in polygons:
-        xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-        if len(xy) < 3:
-            continue
-        rr, cc = draw_polygon(xy[:, 1] - 0.5, xy[:, 0] - 0.5, shape=(height, width))
-        mask[rr, cc] = True
-    return mask
-
-
 def rle_counts_from_string(s: str | bytes) -> list[int]:
     """Decode the compressed COCO RLE string (pycocotools' ``rleFrString``: 5-bit groups, offset 48,
     counts after the third stored as differences to the count two before)."""
@@ -105,103 +84,6 @@ def segmentation_to_mask(seg: Any, height: int, width: int) -> np.ndarray:
     if isinstance(seg, dict):
         return rle_to_mask(seg)
     return polygons_to_mask(seg, height, width)
-
-
-# --------------------------------------------------------------------------------------- resizing
-def letterbox_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(h, w) after scaling the longest side to ``size`` (LISA's ``ResizeLongestSide``)."""
-    scale = size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def letterbox(image: Image.Image, mask: np.ndarray | None, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Longest side to ``size``, pad bottom/right to a square: image (3, S, S) in [0, 1], mask (S, S) {0, 1}."""
-    h, w = letterbox_size(image.height, image.width, size)
-    rgb = np.asarray(image.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
-    img = torch.zeros(3, size, size)
-    img[:, :h, :w] = torch.from_numpy(rgb).permute(2, 0, 1)
-    if mask is None:
-        return img, None
-    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
-    out = torch.zeros(size, size)
-    out[:h, :w] = torch.from_numpy(small.astype(np.float32))
-    return img, out
-
-
-def open_image(source: Any) -> Image.Image:
-    """A fully decoded PIL image from a path, bytes, an HF image dict or a PIL image (errors: ``BAD_IMAGE_ERRORS``)."""
-    if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, dict):
-        source = source.get("bytes") or source.get("path")
-    if isinstance(source, (bytes, bytearray)):
-        source = io.BytesIO(source)
-    if source is None:
-        raise ValueError("no image data")
-    with Image.open(source) as im:
-        im.load()  # decode now, so a truncated file fails here and not later
-        return im.copy()
-
-
-# -------------------------------------------------------------------------------------- base class
-class ReferringImageDataset(Dataset):
-    """Samples ``{image, mask, text, id}`` from real images, skipping unreadable ones.
-
-    A subclass fills ``self.items`` (its own records, one per sample) and implements :meth:`load`. When an
-    image is missing or corrupt, ``__getitem__`` returns the next readable sample (deterministic: the same
-    index always gives the same sample) and counts the bad one in :attr:`skipped`, so one broken file in
-    120k never stops a training run. The first skip logs a warning; the count is per process (DataLoader
-    workers each keep their own)."""
-
-    items: list[Any]
-    name = "dataset"
-
-    def __init__(self, split: str, image_size: int, max_samples: int | None) -> None:
-        if image_size < 16:
-            raise DataError(f"image_size must be at least 16, got {image_size}", fix="raise data.dataset.image_size")
-        if max_samples is not None and max_samples < 1:
-            raise DataError(f"max_samples must be >= 1, got {max_samples}", fix="use null for all samples")
-        self.split = split
-        self.image_size = image_size
-        self.max_samples = max_samples
-        self.skipped_ids: set[str] = set()
-
-    @property
-    def skipped(self) -> int:
-        """Number of distinct samples skipped so far because their image could not be read."""
-        return len(self.skipped_ids)
-
-    def _limit(self) -> None:
-        if not self.items:
-            raise DataError(f"{self.name}: split '{self.split}' has no samples", fix="check the split name and data files")
-        if self.max_samples is not None:
-            self.items = self.items[: self.max_samples]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def load(self, index: int) -> dict[str, Any]:  # pragma: no cover - interface
-        """Sample ``index``; raises one of ``BAD_IMAGE_ERRORS`` when its image cannot be read."""
-        raise NotImplementedError
-
-    def sample_id(self, index: int) -> str:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        n = len(self.items)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} samples")
-        for step in range(n):
-            i = (index + step) % n
-            try:
-                return self.load(i)
-            except BAD_IMAGE_ERRORS as exc:
-                sid = self.sample_id(i)
-                if not self.skipped_ids:
-                    log.warning("%s %s: skipping unreadable image (%s: %s); later ones are only counted in .skipped",
-                                self.name, self.split, type(exc).__name__, exc)
-                self.skipped_ids.add(sid)
-        raise DataError(f"{self.name}: no readable image in split '{self.split}'", fix="check the image folder")
 
 
 # ---------------------------------------------------------------------------------------- RefCOCO

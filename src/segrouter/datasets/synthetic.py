@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segrouter.errors import DataError, RecipeError
+from segrouter.errors import DataError, ParamError, RecipeError
 from segrouter.registry import register
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -364,7 +364,7 @@ class SyntheticReferringDataset(Dataset):
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise RecipeError(f"synthetic dataset: {message}", where="data.dataset", fix="change the dataset parameters in the recipe")
+        raise ParamError(f"synthetic dataset: {message}", fix="change the dataset parameters in the recipe")
 
 
 def _parse_noun_phrase(words: list[str], text: str, *, allow_modifier: bool) -> tuple[NounPhrase, list[str]]:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
 
-from segrouter.errors import RecipeError, SegrouterError, check_min
+from segrouter.errors import ParamError, check_min
 from segrouter.llms.base import CausalLLM
 from segrouter.registry import register
 
@@ -44,8 +44,8 @@ class HFCausalLM(CausalLLM):
                           initializer_range=initializer_range)
         if path:
             if not Path(path).is_dir():  # at build, not validation: recipes may be written where the files are not
-                raise SegrouterError(f"LLM directory not found: {path}", where="model.llm.path",
-                                     fix="download it first; nothing is fetched at run time")
+                raise ParamError(f"LLM directory not found: {path}", param="path",
+                                 fix="download it first; nothing is fetched at run time")
             model = AutoModelForCausalLM.from_pretrained(
                 path, local_files_only=True, attn_implementation=attn_implementation, torch_dtype=torch.float32
             )
@@ -72,9 +72,8 @@ class HFCausalLM(CausalLLM):
         core = model.model
         missing = [a for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp") if not hasattr(core.layers[0], a)]
         if missing:
-            raise SegrouterError(
+            raise ParamError(
                 f"{type(model).__name__} decoder layers lack {missing}",
-                where="model.llm",
                 fix="use a LLaMA/Qwen2/Mistral-family model",
             )
         self.model = model
@@ -90,25 +89,23 @@ class HFCausalLM(CausalLLM):
         """The shape of a randomly initialised LLM, checked when a recipe is validated (and in __init__)."""
         path, hidden_size, num_heads = p["path"], p["hidden_size"], p["num_heads"]
         if not path:
-            check_min("model.llm", hidden_size=hidden_size, num_layers=p["num_layers"], num_heads=num_heads,
+            check_min(hidden_size=hidden_size, num_layers=p["num_layers"], num_heads=num_heads,
                       num_kv_heads=p["num_kv_heads"], intermediate_size=p["intermediate_size"])
             if not p["rope_theta"] > 0 or not p["initializer_range"] >= 0:
                 key = "rope_theta" if not p["rope_theta"] > 0 else "initializer_range"
-                raise RecipeError(f"{p[key]} is out of range", where=f"model.llm.{key}",
-                                  fix="allowed: a number > 0" if key == "rope_theta" else "allowed: a number >= 0")
+                raise ParamError(f"{p[key]} is out of range", param=key,
+                                 fix="allowed: a number > 0" if key == "rope_theta" else "allowed: a number >= 0")
             if p["num_kv_heads"] is not None and num_heads % p["num_kv_heads"]:
-                raise RecipeError(f"num_heads {num_heads} is not divisible by num_kv_heads {p['num_kv_heads']}",
-                                  where="model.llm.num_kv_heads", fix="pick num_kv_heads dividing num_heads")
+                raise ParamError(f"num_heads {num_heads} is not divisible by num_kv_heads {p['num_kv_heads']}",
+                                 param="num_kv_heads", fix="pick num_kv_heads dividing num_heads")
             if hidden_size % num_heads:
-                raise SegrouterError(
+                raise ParamError(
                     f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}",
-                    where="model.llm",
                     fix="pick num_heads dividing hidden_size",
                 )
             if (hidden_size // num_heads) % 2:
-                raise SegrouterError(
+                raise ParamError(
                     f"head size {hidden_size // num_heads} (hidden_size {hidden_size} / num_heads {num_heads}) is odd",
-                    where="model.llm",
                     fix="rotary position embeddings need an even head size",
                 )
 

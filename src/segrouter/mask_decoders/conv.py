@@ -46,7 +46,7 @@ class ConvDecoder(MaskDecoder):
     @staticmethod
     def check_params(**p: Any) -> None:
         """Sizes, checked when a recipe is validated (and here at construction)."""
-        check_min("model.mask_decoder", embed_dim=p["embed_dim"], upscale=p["upscale"])
+        check_min(embed_dim=p["embed_dim"], upscale=p["upscale"])
 
     def forward(self, features: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         pix = self.pixels(features)

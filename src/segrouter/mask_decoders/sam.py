@@ -10,7 +10,7 @@ from torch import nn
 from transformers import SamMaskDecoderConfig, SamModel, SamVisionConfig
 from transformers.models.sam.modeling_sam import SamLayerNorm, SamMaskDecoder, SamPositionalEmbedding
 
-from segrouter.errors import SegrouterError, check_min
+from segrouter.errors import ParamError, check_min
 from segrouter.mask_decoders.base import MaskDecoder
 from segrouter.registry import register
 
@@ -38,7 +38,7 @@ class SAMDecoder(MaskDecoder):
         self.check_params(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, path=path)
         if path:
             if not Path(path).is_dir():
-                raise SegrouterError(f"SAM directory not found: {path}", where="model.mask_decoder.path")
+                raise ParamError(f"SAM directory not found: {path}", param="path")
             sam = SamModel.from_pretrained(path, local_files_only=True)
             embed_dim = sam.config.mask_decoder_config.hidden_size
             self.decoder = sam.mask_decoder
@@ -46,9 +46,8 @@ class SAMDecoder(MaskDecoder):
             self.no_mask = sam.prompt_encoder.no_mask_embed
         else:
             if embed_dim % num_heads or embed_dim % 8:
-                raise SegrouterError(
+                raise ParamError(
                     f"embed_dim {embed_dim} must be divisible by num_heads {num_heads} and by 8",
-                    where="model.mask_decoder",
                 )
             cfg = SamMaskDecoderConfig(
                 hidden_size=embed_dim,
@@ -74,7 +73,7 @@ class SAMDecoder(MaskDecoder):
     def check_params(**p: Any) -> None:
         """Sizes of a randomly initialised decoder, checked when a recipe is validated (and here)."""
         if not p["path"]:
-            check_min("model.mask_decoder", embed_dim=p["embed_dim"], depth=p["depth"], num_heads=p["num_heads"],
+            check_min(embed_dim=p["embed_dim"], depth=p["depth"], num_heads=p["num_heads"],
                       mlp_dim=p["mlp_dim"])
 
     def _image_pe(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:

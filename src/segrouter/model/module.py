@@ -25,7 +25,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 
 from segrouter.compressors.base import VisualTokens
-from segrouter.errors import SegrouterError
+from segrouter.errors import SegrouterError, recipe_path
 from segrouter.flops import count_flops
 from segrouter.metric_names import EVAL_IOU, EVAL_MEANS, EVAL_RANGE
 from segrouter.metrics import CIoU, GIoU
@@ -99,7 +99,8 @@ class SegmentationMLLM(L.LightningModule):
             where="model.compressor",
         )
         self.routing: RoutingStrategy = registry("routing").build(component(cfg, "model.routing"), where="model.routing")
-        self.routing.setup(self.llm)
+        with recipe_path("model.routing"):
+            self.routing.setup(self.llm)
         self.mask_encoder = None
         decoder_vision = self.vision
         if m.mask_encoder is not None:

@@ -10,8 +10,10 @@ tokens are skipped (removing tokens must not shift positions — see GAP/PAYN in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Literal
 
 import torch
 from torch import nn
@@ -111,6 +113,21 @@ class SeededStrategy(RoutingStrategy):
         return torch.rand(shape, generator=self.eval_generator).to(device)
 
 
+def resolve_layer(spec: int | float, num_layers: int, *, rounding: Literal["floor", "nearest"] = "floor") -> int:
+    """The layer index a recipe value names: an int is the index itself, a float the fraction ``spec`` of the
+    depth, ``spec · num_layers`` rounded down (``"floor"``: the first layer at or past that fraction) or half
+    up to the nearest layer (``"nearest"``). Range checks stay with the caller, which knows what the index means.
+
+    Token routing floors its ``insert_layer`` / ``route_start``; PyramidDrop rounds its stage boundaries to the
+    nearest layer (its default 0.25/0.5/0.75 is the paper's 8/16/24 of 32). The two agree unless the product
+    has a fractional part of at least one half (0.25 of 22 layers: 5 floored, 6 nearest); each method keeps
+    the rounding its measured results were made with (tests/test_routing_layers.py pins both)."""
+    if isinstance(spec, float):
+        scaled = spec * num_layers
+        return math.floor(scaled + 0.5) if rounding == "nearest" else math.floor(scaled)
+    return int(spec)
+
+
 def up_to_first_mask(kinds: torch.Tensor) -> torch.Tensor:
     """(B, L) bool: the non-padding tokens up to and including each sample's first MASK token (all of them
     when there is none). A rule that ranks tokens by the attention of these queries cannot let anything after
@@ -176,33 +193,39 @@ def top_image_tokens(scores: torch.Tensor, image: torch.Tensor, keep: torch.Tens
     return image & (rank < keep[:, None])
 
 
-def run_all(llm: CausalLLM, layers: nn.ModuleList, h: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-            position_embeddings: tuple[torch.Tensor, torch.Tensor], stats: LayerStats
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``layers`` on every valid token (the dense layers before a pruning strategy acts). Returns the
-    output and the input of the last layer (what FastV's ranking recomputes that layer's attention from)."""
-    bias = attention_bias(positions, valid, positions, valid, h.dtype)
-    layer_input = h
-    for layer in layers:
+def run_dense(llm: CausalLLM, seq: TokenSequence, k: int, stats: LayerStats
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Layers ``[0, k)`` on every valid token: the dense layers before a pruning strategy acts. Returns the
+    stream (not normed), the input of layer ``k - 1`` (what a ranking by that layer's attention recomputes
+    from) and the sequence's rotary ``(cos, sin)``."""
+    pos, valid = seq.positions, seq.valid
+    pe = llm.rotary(seq.embeds, pos)
+    h = layer_input = seq.embeds
+    bias = attention_bias(pos, valid, pos, valid, h.dtype)
+    for layer in llm.layers[:k]:
         layer_input = h
         stats.record(valid, valid)
-        h = run_layer(llm, layer, h, bias, position_embeddings, positions)
-    return h, layer_input
+        h = run_layer(llm, layer, h, bias, pe, pos)
+    return h, layer_input, pe
 
 
-def run_kept(llm: CausalLLM, layers: nn.ModuleList, h: torch.Tensor, positions: torch.Tensor,
-             position_embeddings: tuple[torch.Tensor, torch.Tensor], active: torch.Tensor,
-             stats: LayerStats) -> torch.Tensor:
-    """Run ``layers`` on the ``active`` tokens only, packed (so they really cost less), with their original
-    positions and RoPE; the others keep their state in ``h``. Returns the whole (B, L, d) stream, not normed."""
+def run_pruned(llm: CausalLLM, seq: TokenSequence, k: int, h: torch.Tensor,
+               pe: tuple[torch.Tensor, torch.Tensor], scores: torch.Tensor, keep: torch.Tensor,
+               stats: LayerStats) -> torch.Tensor:
+    """Layers ``[k, n)`` on the text and mask tokens and each sample's ``keep[b]`` highest-``scores`` image
+    tokens, packed (so they really cost less) with their original positions and RoPE: the pack-run-scatter of
+    :func:`select`, :func:`gather`, :func:`attention_bias`, :func:`run_layer` and :func:`scatter`. A dropped
+    token keeps its state in ``h``. Returns the final-norm hidden states of every position."""
+    image = seq.is_kind(Kind.IMAGE)
+    active = seq.valid & (~image | top_image_tokens(scores, image, keep))
     idx, ok = select(active)
-    hp, pp = gather(h, idx), gather(positions, idx)
-    pe = (gather(position_embeddings[0], idx), gather(position_embeddings[1], idx))
+    hp, pp = gather(h, idx), gather(seq.positions, idx)
+    pe = (gather(pe[0], idx), gather(pe[1], idx))
     bias = attention_bias(pp, ok, pp, ok, h.dtype)
-    for layer in layers:
+    for layer in llm.layers[k:]:
         stats.record(active, active)
         hp = run_layer(llm, layer, hp, bias, pe, pp)
-    return scatter(h, idx, ok, hp)
+    return llm.norm(scatter(h, idx, ok, hp))
 
 
 def run_layer(

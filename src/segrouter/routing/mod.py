@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from segrouter.errors import RecipeError
+from segrouter.errors import ParamError
 from segrouter.llms.base import CausalLLM
 from segrouter.registry import register
 from segrouter.routing.base import (
@@ -64,15 +64,15 @@ class MixtureOfDepths(RoutingStrategy):
         """Ranges that need no LLM; explicit route_layers are checked against the depth in :meth:`setup`."""
         capacity, alpha = params["capacity"], params["alpha"]
         if not 0.0 < capacity <= 1.0:
-            raise RecipeError(
+            raise ParamError(
                 f"capacity {capacity} is outside (0, 1]",
-                where="model.routing.capacity",
+                param="capacity",
                 fix="set the fraction of image tokens each routed layer computes, e.g. 0.5",
             )
         if not 0.0 <= alpha <= 1.0:
-            raise RecipeError(
+            raise ParamError(
                 f"alpha {alpha} is outside [0, 1]",
-                where="model.routing.alpha",
+                param="alpha",
                 fix="keep the gate 1 + alpha*tanh(score) positive: 0 <= alpha <= 1",
             )
 
@@ -85,9 +85,9 @@ class MixtureOfDepths(RoutingStrategy):
         else:
             layers = list(self.route_layers)
             if any(not 0 <= i < n for i in layers) or len(set(layers)) != len(layers):
-                raise RecipeError(
+                raise ParamError(
                     f"route_layers {layers} are not distinct layers of a {n}-layer LLM",
-                    where="model.routing.route_layers",
+                    param="route_layers",
                     fix=f"use distinct indices in [0, {n - 1}], 'alternate' or 'all'",
                 )
         for i in layers:

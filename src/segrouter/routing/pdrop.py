@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from segrouter.errors import RecipeError
+from segrouter.errors import ParamError
 from segrouter.llms.base import CausalLLM
 from segrouter.registry import register
 from segrouter.routing.base import (
@@ -32,6 +32,7 @@ from segrouter.routing.base import (
     gather,
     last_instruction_token,
     received_attention,
+    resolve_layer,
     run_layer,
     scatter,
     select,
@@ -58,32 +59,31 @@ class PyramidDrop(RoutingStrategy):
         """Ranges that need no LLM; the boundaries are checked against the depth in :meth:`setup`."""
         layers, keep = params["layers"], params["keep"]
         if not layers or len(layers) != len(keep):
-            raise RecipeError(
+            raise ParamError(
                 f"got {len(layers)} stage boundaries and {len(keep)} keep ratios",
-                where="model.routing",
                 fix="give one keep ratio per boundary in 'layers'",
             )
         if any(not 0.0 < r <= 1.0 for r in keep) or any(a < b for a, b in zip(keep, keep[1:])):
-            raise RecipeError(
+            raise ParamError(
                 f"keep ratios {list(keep)} must lie in (0, 1] and never increase",
-                where="model.routing.keep",
+                param="keep",
                 fix="e.g. [0.5, 0.25, 0.125]: a dropped token cannot come back",
             )
         bad = [v for v in layers if not isinstance(v, int) and not 0.0 < v < 1.0]
         if bad:
-            raise RecipeError(
+            raise ParamError(
                 f"stage boundary {bad[0]!r} is neither a layer index (int) nor a depth fraction in (0, 1)",
-                where="model.routing.layers",
+                param="layers",
                 fix="write layer indices as ints (e.g. [8, 16, 24]) or fractions (e.g. [0.25, 0.5, 0.75])",
             )
 
     def setup(self, llm: CausalLLM) -> None:
         n = llm.num_layers
-        resolved = [v if isinstance(v, int) else int(v * n + 0.5) for v in self.layers]
+        resolved = [resolve_layer(v, n, rounding="nearest") for v in self.layers]
         if any(b < 1 or b >= n for b in resolved) or any(a >= b for a, b in zip(resolved, resolved[1:])):
-            raise RecipeError(
+            raise ParamError(
                 f"stage boundaries resolve to layers {resolved} of a {n}-layer LLM",
-                where="model.routing.layers",
+                param="layers",
                 fix=f"use strictly increasing layers in [1, {n - 1}]",
             )
         self.boundaries = dict(zip(resolved, self.keep))

@@ -17,18 +17,10 @@ from typing import Any
 
 import torch
 
-from segrouter.errors import RecipeError
+from segrouter.errors import ParamError
 from segrouter.llms.base import CausalLLM
 from segrouter.registry import register
-from segrouter.routing.base import (
-    Kind,
-    LayerStats,
-    SeededStrategy,
-    TokenSequence,
-    run_all,
-    run_kept,
-    top_image_tokens,
-)
+from segrouter.routing.base import Kind, LayerStats, SeededStrategy, TokenSequence, run_dense, run_pruned
 
 
 @register("routing", "random")
@@ -44,24 +36,19 @@ class RandomDrop(SeededStrategy):
     def check_params(**params: Any) -> None:
         """Ranges that need no LLM; ``k`` is checked against the depth in :meth:`setup`."""
         if not 0.0 < params["keep"] <= 1.0:
-            raise RecipeError(f"keep {params['keep']} is outside (0, 1]", where="model.routing.keep",
-                              fix="set the fraction of image tokens kept, e.g. 0.5")
+            raise ParamError(f"keep {params['keep']} is outside (0, 1]", param="keep",
+                             fix="set the fraction of image tokens kept, e.g. 0.5")
         if params["k"] < 0:
-            raise RecipeError(f"k={params['k']} must be >= 0 (the number of layers that see every token)",
-                              where="model.routing.k")
+            raise ParamError(f"k={params['k']} must be >= 0 (the number of layers that see every token)",
+                             param="k")
 
     def setup(self, llm: CausalLLM) -> None:
         if self.k >= llm.num_layers:
-            raise RecipeError(f"k={self.k} leaves no layer to prune in a {llm.num_layers}-layer LLM",
-                              where="model.routing.k", fix=f"use 0 <= k <= {llm.num_layers - 1}")
+            raise ParamError(f"k={self.k} leaves no layer to prune in a {llm.num_layers}-layer LLM",
+                             param="k", fix=f"use 0 <= k <= {llm.num_layers - 1}")
 
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
-        pos, valid = seq.positions, seq.valid
-        cos, sin = llm.rotary(seq.embeds, pos)
         self.stats = LayerStats()
-        h, _ = run_all(llm, llm.layers[: self.k], seq.embeds, pos, valid, (cos, sin), self.stats)
-
-        image = seq.is_kind(Kind.IMAGE)
-        quota = torch.ceil(image.sum(dim=1) * self.keep).long()
-        active = valid & (~image | top_image_tokens(self.rand(*image.shape, device=h.device), image, quota))
-        return llm.norm(run_kept(llm, llm.layers[self.k :], h, pos, (cos, sin), active, self.stats))
+        h, _, pe = run_dense(llm, seq, self.k, self.stats)
+        quota = torch.ceil(seq.is_kind(Kind.IMAGE).sum(dim=1) * self.keep).long()
+        return run_pruned(llm, seq, self.k, h, pe, self.rand(*seq.kinds.shape, device=h.device), quota, self.stats)

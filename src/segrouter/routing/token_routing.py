@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from segrouter.errors import RecipeError
+from segrouter.errors import ParamError
 from segrouter.llms.base import CausalLLM
 from segrouter.registry import register
 from segrouter.routing.base import (
@@ -56,6 +56,7 @@ from segrouter.routing.base import (
     ffn_update,
     gather,
     received_attention,
+    resolve_layer,
     run_layer,
     scatter,
     select,
@@ -110,12 +111,12 @@ def spread_points(count: int, device: torch.device | None = None) -> torch.Tenso
 
 
 def _layer_index(value: int | float, num_layers: int, name: str) -> int:
-    """An absolute layer index from an int, or a fraction of the depth from a float in [0, 1]."""
-    idx = int(math.floor(value * num_layers)) if isinstance(value, float) else int(value)
+    """An absolute layer index from an int, or a fraction of the depth (floored) from a float in [0, 1]."""
+    idx = resolve_layer(value, num_layers)
     if not 0 <= idx <= num_layers:
-        raise RecipeError(
+        raise ParamError(
             f"{name}={value} is outside the LLM's {num_layers} layers",
-            where=f"model.routing.{name}",
+            param=name,
             fix=f"use 0..{num_layers} or a fraction in [0, 1]",
         )
     return idx
@@ -162,14 +163,14 @@ class TokenRouting(SeededStrategy):
     def check_params(**params: Any) -> None:
         """Ranges that need no LLM; layer indices are checked against the depth in :meth:`setup`."""
         if not 0.0 < params["proxy_ratio"] <= 1.0:
-            raise RecipeError(f"proxy_ratio={params['proxy_ratio']} must be in (0, 1]", where="model.routing.proxy_ratio")
+            raise ParamError(f"proxy_ratio={params['proxy_ratio']} must be in (0, 1]", param="proxy_ratio")
         if params["num_proxies"] is not None and params["num_proxies"] < 1:
-            raise RecipeError(f"num_proxies={params['num_proxies']} must be >= 1", where="model.routing.num_proxies")
+            raise ParamError(f"num_proxies={params['num_proxies']} must be >= 1", param="num_proxies")
         if params["neighbours"] < 1:
-            raise RecipeError(f"neighbours={params['neighbours']} must be >= 1", where="model.routing.neighbours")
+            raise ParamError(f"neighbours={params['neighbours']} must be >= 1", param="neighbours")
         if params["routed"] == "layer" and params["proxy_rule"] == "attention":
-            raise RecipeError("routed: layer takes the routed tokens out of attention, so the attention rule cannot "
-                              "rank them", where="model.routing.proxy_rule", fix="use proxy_rule: grid or score")
+            raise ParamError("routed: layer takes the routed tokens out of attention, so the attention rule cannot "
+                             "rank them", param="proxy_rule", fix="use proxy_rule: grid or score")
 
     def setup(self, llm: CausalLLM) -> None:
         n = llm.num_layers
@@ -177,7 +178,7 @@ class TokenRouting(SeededStrategy):
         if self.cfg_route_layers is not None:
             bad = [i for i in self.cfg_route_layers if not 0 <= i < n]
             if bad:
-                raise RecipeError(f"route_layers {bad} outside 0..{n - 1}", where="model.routing.route_layers")
+                raise ParamError(f"route_layers {bad} outside 0..{n - 1}", param="route_layers")
             layers = set(self.cfg_route_layers)
         else:
             layers = set(range(_layer_index(self.cfg_route_start, n, "route_start"), n))

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from segrouter.errors import SegrouterError
+from segrouter.errors import ParamError
 from segrouter.superpixels.regions import check_partition
 
 
@@ -46,9 +46,9 @@ class PartitionCache:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise SegrouterError(
+                raise ParamError(
                     f"cannot create the superpixel cache folder {self.dir}: {exc.strerror}",
-                    where="model.compressor.cache_dir",
+                    param="cache_dir",
                     fix="choose a writable folder, or null for an in-memory cache",
                 ) from exc
         self.memory_items = memory_items

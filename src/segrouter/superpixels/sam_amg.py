@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from skimage.measure import label as connected_components
 from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
-from segrouter.errors import SegrouterError
+from segrouter.errors import ParamError, SegrouterError
 from segrouter.superpixels.regions import merge_regions
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255.0
@@ -96,9 +96,9 @@ class SAMAutomaticMaskGenerator:
         if sam_path is not None:
             path = Path(sam_path)
             if not path.is_dir():
-                raise SegrouterError(
+                raise ParamError(
                     f"SAM directory not found: {sam_path}",
-                    where="model.compressor.sam_path",
+                    param="sam_path",
                     fix="point it at a local SamModel folder (config.json + weights), or use generator: slic",
                 )
             self.model = SamModel.from_pretrained(str(path), local_files_only=True)

@@ -10,7 +10,7 @@ import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from segrouter.errors import RecipeError, SegrouterError, check_min
+from segrouter.errors import ParamError, SegrouterError, check_min
 from segrouter.registry import register
 from segrouter.vision_encoders.base import VisionEncoder
 
@@ -47,9 +47,9 @@ class TimmViT(VisionEncoder):
         self.check_params(model_name=model_name, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                           num_heads=num_heads)
         if image_size % patch_size:
-            raise SegrouterError(
+            raise ParamError(
                 f"image size {image_size} is not a multiple of patch_size {patch_size}",
-                where="model.vision_encoder.patch_size",
+                param="patch_size",
                 fix="choose a patch size that divides the image size",
             )
         if model_name:
@@ -92,9 +92,9 @@ class TimmViT(VisionEncoder):
         missing, unexpected = self.vit.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("head")]
         if missing:
-            raise SegrouterError(
+            raise ParamError(
                 f"vision weights {path} do not fit the ViT: {len(missing)} missing keys (e.g. {missing[0]})",
-                where="model.vision_encoder.weights",
+                param="weights",
                 fix="check model_name / patch_size / embed_dim against the checkpoint",
             )
 
@@ -103,11 +103,11 @@ class TimmViT(VisionEncoder):
         """The small ViT's shape, checked when a recipe is validated (and here at construction)."""
         if p["model_name"]:
             return  # the timm architecture fixes the shape
-        check_min("model.vision_encoder", patch_size=p["patch_size"], embed_dim=p["embed_dim"], depth=p["depth"],
+        check_min(patch_size=p["patch_size"], embed_dim=p["embed_dim"], depth=p["depth"],
                   num_heads=p["num_heads"])
         if p["embed_dim"] % p["num_heads"]:
-            raise RecipeError(f"embed_dim {p['embed_dim']} is not divisible by num_heads {p['num_heads']}",
-                              where="model.vision_encoder.num_heads", fix="pick num_heads dividing embed_dim")
+            raise ParamError(f"embed_dim {p['embed_dim']} is not divisible by num_heads {p['num_heads']}",
+                             param="num_heads", fix="pick num_heads dividing embed_dim")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.vit.forward_features((images - self.mean) / self.std)

@@ -1,0 +1,69 @@
+"""Image input shared by the datasets and ``segrouter predict``: decoding (with the errors a broken file
+raises), LISA's resize (longest side to the model size, zero padding bottom/right to a square) and COCO
+polygon rasterisation. One home, so a prediction sees an image exactly as training did, and no dataset
+imports another's file.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from skimage.draw import polygon as draw_polygon
+
+BAD_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)  # what PIL raises on broken files
+
+
+def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
+    """Union of COCO polygons ``[x0, y0, x1, y1, ...]`` as a bool (H, W) mask.
+
+    COCO coordinates are pixel edges (pixel (r, c) spans [c, c+1] × [r, r+1]); a pixel is inside when its
+    centre is, which matches ``pycocotools`` on axis-aligned shapes (it may differ by a pixel on slanted
+    edges, where pycocotools rasterises with its own sub-sampling)."""
+    mask = np.zeros((height, width), dtype=bool)
+    for poly in polygons:
+        xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+        if len(xy) < 3:
+            continue
+        rr, cc = draw_polygon(xy[:, 1] - 0.5, xy[:, 0] - 0.5, shape=(height, width))
+        mask[rr, cc] = True
+    return mask
+
+
+def letterbox_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) after scaling the longest side to ``size`` (LISA's ``ResizeLongestSide``)."""
+    scale = size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def letterbox(image: Image.Image, mask: np.ndarray | None, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Longest side to ``size``, pad bottom/right to a square: image (3, S, S) in [0, 1], mask (S, S) {0, 1}."""
+    h, w = letterbox_size(image.height, image.width, size)
+    rgb = np.asarray(image.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
+    img = torch.zeros(3, size, size)
+    img[:, :h, :w] = torch.from_numpy(rgb).permute(2, 0, 1)
+    if mask is None:
+        return img, None
+    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+    out = torch.zeros(size, size)
+    out[:h, :w] = torch.from_numpy(small.astype(np.float32))
+    return img, out
+
+
+def open_image(source: Any) -> Image.Image:
+    """A fully decoded PIL image from a path, bytes, an HF image dict or a PIL image (errors: ``BAD_IMAGE_ERRORS``)."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    if source is None:
+        raise ValueError("no image data")
+    with Image.open(source) as im:
+        im.load()  # decode now, so a truncated file fails here and not later
+        return im.copy()
