@@ -47,7 +47,7 @@ def test_the_driver_runs_every_stage_and_writes_the_section(tmp_path: Path) -> N
                             "--doc", str(doc), *TOY[1:]], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert study.returncode == 0, study.stderr[-3000:]
     text = doc.read_text()
-    assert "| full | 1.000 | " in text and "| token_routing (route_start=0, num_proxies=8) | 0." in text
+    assert "| full | 1.000 | " in text and "| token_routing (route_start=0, proxy_ratio=0.125) | 0." in text
     assert "--arms full token_routing --steps 2" in text
     tuned = (tmp_path / "study" / "ft_token_routing_s1" / "version_0" / "recipe.yaml").read_text()
     assert "init_modules: []" in tuned and "max_steps: 2" in tuned and "name: token_routing" in tuned
