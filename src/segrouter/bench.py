@@ -371,8 +371,7 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from segrouter.registry import load_builtins, load_plugins
+    from segrouter.registry import load_plugins
 
-    load_builtins()
     load_plugins(args.plugins)
     print(format_table(run_bench(args)))

@@ -81,9 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prepare(args: argparse.Namespace) -> Any:
     from segrouter.recipe import load_recipe
-    from segrouter.registry import load_builtins, load_plugins
+    from segrouter.registry import load_plugins
 
-    load_builtins()
     load_plugins(args.plugins)
     return load_recipe(args.recipe, args.overrides)
 
@@ -170,9 +169,8 @@ def training_free_note(model: Any, fresh: list[str], ckpt: str) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from segrouter.registry import KINDS, load_builtins, load_plugins, registry
+    from segrouter.registry import KINDS, load_plugins, registry
 
-    load_builtins()
     load_plugins(args.plugins)
     kinds = [registry(args.kind).kind] if args.kind else list(KINDS)
     for kind in kinds:

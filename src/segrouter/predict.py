@@ -128,7 +128,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from segrouter.build import build
     from segrouter.checkpoints import load_weights
     from segrouter.recipe import load_recipe
-    from segrouter.registry import load_builtins, load_plugins
+    from segrouter.registry import load_plugins
     from segrouter.runs import find_eval_checkpoint
 
     jobs = _jobs(args)
@@ -140,7 +140,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
             if out is not None and out.resolve() in inputs:
                 raise SegrouterError(f"output {out} is an input image, which writing it would destroy",
                                      fix="write masks and overlays to other paths")
-    load_builtins()
     load_plugins(args.plugins)
     cfg = load_recipe(args.recipe, args.overrides)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)

@@ -112,9 +112,8 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from segrouter.registry import load_builtins, load_plugins
+    from segrouter.registry import load_plugins
 
-    load_builtins()
     load_plugins(args.plugins)
     # --recipes takes every following word, so overrides written after the recipes land there: split them off
     recipes = [r for r in args.recipes if "=" not in r]

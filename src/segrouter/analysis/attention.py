@@ -78,10 +78,9 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from segrouter.build import build
     from segrouter.checkpoints import load_weights
     from segrouter.recipe import load_recipe
-    from segrouter.registry import load_builtins, load_plugins
+    from segrouter.registry import load_plugins
     from segrouter.runs import find_eval_checkpoint
 
-    load_builtins()
     load_plugins(args.plugins)
     cfg = load_recipe(args.recipe, args.overrides)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
