@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from segrouter.build import build
     from segrouter.checkpoints import load_weights
-    from segrouter.recipe import load_recipe
+    from segrouter.recipe import load_recipe, recipe_yaml
     from segrouter.runs import check_output_dir, find_eval_checkpoint, next_version
     from segrouter.training.trainer import build_trainer
 
@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if training_free and not args.ckpt:
         raise SegrouterError("--training-free needs --ckpt", fix="name the checkpoint trained without this recipe's "
                              "method, e.g. --ckpt runs/full/version_0/checkpoints/last.ckpt")
+    if args.print_recipe:  # with what --control and --training-free set
+        print(recipe_yaml(cfg), end="")
+        return 0
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
     check_output_dir(cfg)  # evaluation logs into a new version folder
     model, data = build(cfg)

@@ -1,7 +1,8 @@
 """``segrouter fit``: train a recipe, or resume a run of it from a checkpoint.
 
-Everything that can be checked before training is: the recipe (by :mod:`segrouter.cli`, with the plugins
-loaded), the flags, the run folder and a checkpoint to resume, so that a mistake costs a second, not a run.
+Everything that can be checked before training is: the recipe (once the CLI has loaded the plugins), the
+flags, the run folder and a checkpoint to resume, so that a mistake costs a second, not a run.
+``--print-recipe`` stops after the recipe and flag checks and prints the recipe the run would train.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from segrouter.build import build
     from segrouter.checkpoints import check_resumable
-    from segrouter.recipe import load_recipe
+    from segrouter.recipe import load_recipe, recipe_yaml
     from segrouter.runs import check_output_dir, find_resume, next_version
     from segrouter.training.trainer import build_trainer
 
@@ -35,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
         raise SegrouterError("--ckpt on fit needs --resume", fix="add --resume to continue training from that checkpoint")
     if args.other_recipe and not args.ckpt:
         raise SegrouterError("--other-recipe needs --resume --ckpt PATH", fix="name the checkpoint to continue")
+    if args.print_recipe:
+        print(recipe_yaml(cfg), end="")
+        return 0
     version, ckpt = find_resume(cfg, "last" if args.ckpt is None else args.ckpt) if args.resume else (None, None)
     check_output_dir(cfg)
     model, data = build(cfg, init_weights=not args.resume)

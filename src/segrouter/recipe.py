@@ -604,8 +604,13 @@ def component(cfg: DictConfig, key: str) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)  # type: ignore[return-value]
 
 
+def recipe_yaml(cfg: DictConfig) -> str:
+    """The resolved recipe as YAML: what a run folder's ``recipe.yaml`` holds and ``--print-recipe`` prints."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
 def save_recipe(cfg: DictConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.write_text(recipe_yaml(cfg))
     tmp.replace(path)
