@@ -118,6 +118,17 @@ def test_print_recipe_prints_the_resolved_recipe_and_builds_nothing(
     assert not out and "did you mean 'max_steps'" in err
 
 
+def test_lr_monitor_and_early_stopping_from_the_recipe(tmp_path: Path) -> None:
+    # a min_delta no change can beat: the first validation sets the best, the second does not improve on it → stop
+    stop = ["enabled=true", "monitor=val/loss", "mode=min", "patience=1", "min_delta=1000"]
+    assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}", "trainer.max_steps=6", "trainer.val_check_interval=1",
+                 "trainer.limit_val_batches=1", "trainer.lr_monitor=true",
+                 *(f"trainer.early_stopping.{s}" for s in stop)]) == 0
+    rows = _metrics(tmp_path / "tiny" / "version_0")
+    assert [int(r["step"]) for r in rows if r.get("lr-AdamW")] == [0, 1]  # LearningRateMonitor: each step's rate
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [0, 1]  # stopped after 2 of the 6 steps
+
+
 def test_analyze_loads_like_every_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A checkpoint that does not fit the recipe is one line and exit 2 here too, not a load_state_dict traceback."""
     import torch

@@ -157,3 +157,28 @@ def test_checkpoint_monitor_must_name_a_logged_metric(tmp_path: Path) -> None:
 def test_a_run_name_is_one_folder_name(name: str) -> None:
     with pytest.raises(RecipeError, match=r"^name: .* is not a folder name"):  # else runs land outside output_dir
         load_recipe(RECIPES / "tiny.yaml", [f"name='{name}'"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["trainer.early_stopping.monitor=val/cIoU"],
+         "trainer.early_stopping.monitor: no metric 'val/cIoU' is logged (did you mean 'val/ciou'?)"),
+        (["trainer.early_stopping.mode=maximum"], "trainer.early_stopping.mode: mode must be min or max"),
+        (["trainer.early_stopping.patience=-1"], "trainer.early_stopping.patience: -1 is out of range"),
+        (["trainer.early_stopping.min_delta=-0.1"], "trainer.early_stopping.min_delta: -0.1 is out of range"),
+        (["trainer.early_stopping.patiense=2"], "trainer.early_stopping.patiense"),
+        (["trainer.lr_monitor=true", "logger.csv=false"], "trainer.lr_monitor: the learning rate has no logger"),
+    ],
+)
+def test_callback_keys_are_checked_with_the_recipe(overrides: list[str], line: str) -> None:
+    with pytest.raises(RecipeError) as err:  # before anything is built, like every trainer key
+        load_recipe(RECIPES / "tiny.yaml", overrides)
+    assert str(err.value).startswith(line) and len(str(err.value).splitlines()) == 1, str(err.value)
+
+
+def test_callback_keys_are_off_by_default() -> None:
+    trainer = load_recipe(RECIPES / "tiny.yaml").trainer
+    assert trainer.lr_monitor is False and trainer.early_stopping.enabled is False
+    stop = load_recipe(RECIPES / "tiny.yaml", ["trainer.early_stopping.enabled=true"]).trainer.early_stopping
+    assert (stop.monitor, stop.mode, stop.patience, stop.min_delta) == ("val/ciou", "max", 3, 0.0)
