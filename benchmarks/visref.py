@@ -102,9 +102,8 @@ def reference_levels(overrides: list[str]) -> dict[str, float]:
     target's name (the most frequent name for each expression, fitted on the split itself, so optimistic),
     and the cIoU of segmenting every object."""
     from segrouter.recipe import component, load_recipe
-    from segrouter.registry import load_builtins, registry
+    from segrouter.registry import registry
 
-    load_builtins()
     cfg = load_recipe(ROOT / "recipes" / f"{FULL}.yaml", overrides)
     ds = registry("dataset").build(component(cfg, "data.dataset"), "test")
     limit = cfg.trainer.limit_test_batches
@@ -132,9 +131,6 @@ def name_breakdown(run_dir: Path, overrides: list[str]) -> dict[str, float]:
     from segrouter.build import build
     from segrouter.checkpoints import load_weights
     from segrouter.recipe import load_recipe
-    from segrouter.registry import load_builtins
-
-    load_builtins()
     cfg = load_recipe(ROOT / "recipes" / f"{FULL}.yaml", overrides)
     model, data = build(cfg)
     load_weights(model, best_checkpoint(run_dir))

@@ -22,9 +22,8 @@ def _isolated_run_version(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def tiny_cfg(tmp_path: Path, *overrides: str) -> Any:
     from segrouter.recipe import load_recipe
-    from segrouter.registry import load_builtins, load_plugins
+    from segrouter.registry import load_plugins
 
-    load_builtins()
     load_plugins()  # the repository's plugins/: load_recipe itself never imports code
     return load_recipe(RECIPES / "tiny.yaml", [f"output_dir={tmp_path}", *overrides])
 

@@ -24,13 +24,12 @@ from hypothesis import strategies as st
 
 from segrouter import recipe as recipe_mod
 from segrouter.cli import main
-from segrouter.registry import KINDS, load_builtins, load_plugins, registry
+from segrouter.registry import KINDS, load_plugins, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
 SLOW_S = 2.0  # generous for a loaded 2-core box; a failing case normally takes a few tens of milliseconds
 
-load_builtins()
 load_plugins()  # the repository's plugins/ (e.g. fastv) are part of what a recipe may name
 
 COMPONENT_PATH = {kind: (f"model.{kind}" if kind != "dataset" else "data.dataset") for kind in KINDS}

@@ -16,11 +16,10 @@ from segrouter.compressors.tome import bipartite_merge
 from segrouter.errors import RecipeError
 from segrouter.flops import count_flops
 from segrouter.recipe import component, load_recipe
-from segrouter.registry import load_builtins, load_plugins, registry
+from segrouter.registry import load_plugins, registry
 from segrouter.routing.base import Kind, TokenSequence, attention_bias, last_instruction_token, received_attention
 from segrouter.text import build_tokenizer
 
-load_builtins()
 load_plugins()  # the repository's plugins/ folder: fastv
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from segrouter.cli import main
 
@@ -98,6 +99,34 @@ def test_fit_two_steps_then_resume_then_evaluate(tmp_path: Path, capsys: pytest.
     assert main(["test", "--recipe", TINY, out_dir, "--ckpt", str(run / "checkpoints" / "last.ckpt")]) == 0
     test_rows = _metrics(sorted((tmp_path / "tiny").glob("version_*"))[-1])
     assert any(r.get("test/ciou") for r in test_rows)
+
+
+def test_print_recipe_prints_the_resolved_recipe_and_builds_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("segrouter.build.build", lambda *a, **k: pytest.fail("--print-recipe built a model"))
+    assert main(["fit", "--recipe", TINY, "--print-recipe", f"output_dir={tmp_path}", "trainer.max_steps=7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["name"] == "tiny" and printed["trainer"]["max_steps"] == 7  # the override
+    assert printed["model"]["image_size"] == 32 and printed["optim"]["scheduler"] == "cosine"  # tiny, its base, defaults
+    # an evaluation needs no checkpoint to print its recipe, and shows what its flags set
+    assert main(["test", "--recipe", TINY, "--print-recipe", "--control", "zero", f"output_dir={tmp_path}"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["metrics"]["control"] == "zero"
+    assert not list(tmp_path.iterdir())  # no run folder
+    assert main(["fit", "--recipe", TINY, "--print-recipe", "trainer.max_stepz=3"]) == 2  # validated first
+    out, err = capsys.readouterr()
+    assert not out and "did you mean 'max_steps'" in err
+
+
+def test_lr_monitor_and_early_stopping_from_the_recipe(tmp_path: Path) -> None:
+    # a min_delta no change can beat: the first validation sets the best, the second does not improve on it → stop
+    stop = ["enabled=true", "monitor=val/loss", "mode=min", "patience=1", "min_delta=1000"]
+    assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}", "trainer.max_steps=6", "trainer.val_check_interval=1",
+                 "trainer.limit_val_batches=1", "trainer.lr_monitor=true",
+                 *(f"trainer.early_stopping.{s}" for s in stop)]) == 0
+    rows = _metrics(tmp_path / "tiny" / "version_0")
+    assert [int(r["step"]) for r in rows if r.get("lr-AdamW")] == [0, 1]  # LearningRateMonitor: each step's rate
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [0, 1]  # stopped after 2 of the 6 steps
 
 
 def test_analyze_loads_like_every_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

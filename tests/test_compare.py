@@ -3,7 +3,6 @@ orchestration with a fake ``fit`` process."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
@@ -14,10 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
+from segrouter import compare as compare_command
 from segrouter import interrupts
-from segrouter.compare import add_compare_parser, cmd_compare, compare
+from segrouter import sweep as sweep_command
+from segrouter.cli import build_parser
+from segrouter.compare import compare
 from segrouter.errors import RecipeError, SegrouterError
-from segrouter.sweep import add_sweep_parser, cmd_sweep, parse_grid
+from segrouter.sweep import parse_grid
 
 TINY = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
 
@@ -123,18 +125,10 @@ def test_plot_is_written(runs: dict[str, Path], tmp_path: Path) -> None:
     assert (tmp_path / "empty.png").stat().st_size > 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segrouter")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_compare_parser(sub)
-    add_sweep_parser(sub)
-    return parser
-
-
 def test_compare_command_writes_file(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp" / "table.csv"
-    args = _parser().parse_args(["compare", str(runs["full"]), str(runs["fastv"]), "--format", "csv", "--out", str(out)])
-    cmd_compare(args)
+    args = build_parser().parse_args(["compare", str(runs["full"]), str(runs["fastv"]), "--format", "csv", "--out", str(out)])
+    compare_command.run(args)
     assert _csv(out.read_text())[1]["routing"] == "fastv" and str(out) in capsys.readouterr().err
 
 
@@ -178,10 +172,10 @@ def test_sweep_runs_each_grid_point_reports_failures_and_compares(
 
     monkeypatch.setattr("segrouter.sweep.Popen", FakeFit)
     monkeypatch.setenv("SEGROUTER_RUN_VERSION", "7")
-    args = _parser().parse_args(["sweep", "--recipes", TINY, "trainer.max_steps=1", "--grid", "optim.lr=0.001,0.01",
+    args = build_parser().parse_args(["sweep", "--recipes", TINY, "trainer.max_steps=1", "--grid", "optim.lr=0.001,0.01",
                                  "--out", str(tmp_path / "sweep")])
     with pytest.raises(SegrouterError, match=r"1 of 2 sweep runs failed: tiny-lr=0.01"):
-        cmd_sweep(args)
+        sweep_command.run(args)
     assert [c[0][c[0].index("fit") + 1:][:2] for c in calls] == [["--recipe", TINY]] * 2
     first = calls[0][0]
     assert {"trainer.max_steps=1", "optim.lr=0.001", f"output_dir={tmp_path / 'sweep'}", "name=tiny-lr=0.001"} <= set(first)
@@ -202,16 +196,16 @@ def test_a_signal_to_the_sweep_goes_to_the_running_fit_and_stops_the_sweep(
             return 143 if self.signals else 0  # the fit saved its checkpoint and exited
 
     monkeypatch.setattr("segrouter.sweep.Popen", SignalledFit)
-    args = _parser().parse_args(["sweep", "--recipes", TINY, "--grid", "optim.lr=0.001,0.01", "--out", str(tmp_path)])
+    args = build_parser().parse_args(["sweep", "--recipes", TINY, "--grid", "optim.lr=0.001,0.01", "--out", str(tmp_path)])
     with interrupts.raising(), pytest.raises(interrupts.Interrupted, match="tiny-lr=0.001 stopped \\(exit code 143\\)") as exc:
-        cmd_sweep(args)
+        sweep_command.run(args)
     assert exc.value.exit_code == 143
     assert len(started) == 1 and started[0].signals == [signal.SIGTERM]  # the next run never started
 
 
 def test_sweep_validates_everything_before_running(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr("segrouter.sweep.Popen", lambda *a, **k: pytest.fail("a run started"))
-    args = _parser().parse_args(["sweep", "--recipes", TINY, "--grid", "optim.lrr=0.1", "--out", str(tmp_path)])
+    args = build_parser().parse_args(["sweep", "--recipes", TINY, "--grid", "optim.lrr=0.1", "--out", str(tmp_path)])
     with pytest.raises(RecipeError, match="did you mean 'lr'"):
-        cmd_sweep(args)
+        sweep_command.run(args)
     assert not os.listdir(tmp_path)

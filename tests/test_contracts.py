@@ -17,11 +17,10 @@ from conftest import ROOT
 from test_refcoco import make_layout
 
 from segrouter.geometry import grid_coords
-from segrouter.registry import KINDS, default_plugin_dirs, load_builtins, load_plugins, registry
+from segrouter.registry import KINDS, default_plugin_dirs, load_plugins, registry
 from segrouter.routing.base import Kind, TokenSequence
 from segrouter.text import build_tokenizer
 
-load_builtins()
 load_plugins()  # the repository's plugins/ (and installed entry points): a plugin meets the same contract
 NAMES = {kind: registry(kind).names() for kind in KINDS}
 BATCH, IMAGE, GRID, VISION_DIM, LLM_WIDTH = 2, 32, (8, 8), 16, 32

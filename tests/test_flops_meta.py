@@ -16,10 +16,9 @@ from conftest import RECIPES
 from segrouter import bench
 from segrouter.errors import SegrouterError
 from segrouter.flops import META, count_flops, count_meta_flops
-from segrouter.registry import load_builtins, load_plugins, registry
+from segrouter.registry import load_plugins, registry
 from segrouter.routing.base import Kind
 
-load_builtins()
 load_plugins()  # the repository's plugins/: fastv
 
 ROUTINGS: dict[str, dict[str, Any]] = {

@@ -21,9 +21,9 @@ TINY = str(ROOT / "recipes" / "tiny.yaml")
 def _imported() -> None:
     """Pay torch/transformers/Lightning's import time once, outside the timed CLI calls."""
     from segrouter.recipe import _lightning_choices
-    from segrouter.registry import load_builtins
+    from segrouter.registry import registry
 
-    load_builtins()
+    registry("routing")  # imports the built-in components
     _lightning_choices()
 
 
@@ -178,9 +178,6 @@ def test_a_base_named_twice_at_every_level_is_loaded_once(tmp_path: Path, capsys
 
 def test_a_repeated_base_keeps_its_merge_order(tmp_path: Path) -> None:
     from segrouter.recipe import load_recipe
-    from segrouter.registry import load_builtins
-
-    load_builtins()
     (tmp_path / "a.yaml").write_text(f"base: [{TINY}]\nseed: 1\n")
     (tmp_path / "b.yaml").write_text("seed: 2\nmetrics: {flops_batches: 5}\n")
     (tmp_path / "c.yaml").write_text("base: [a.yaml, b.yaml, a.yaml]\n")
@@ -279,9 +276,6 @@ def test_out_of_range_values_fail_at_validation(override: str, key: str, tmp_pat
                                       "trainer.max_epochs=null", "model.llm.num_kv_heads=1"])
 def test_values_lightning_accepts_still_validate(override: str) -> None:
     from segrouter.recipe import load_recipe
-    from segrouter.registry import load_builtins
-
-    load_builtins()
     load_recipe(TINY, [override])
 
 

@@ -9,9 +9,7 @@ import torch
 from transformers import SamConfig, SamModel
 
 from segrouter.errors import SegrouterError
-from segrouter.registry import load_builtins, registry
-
-load_builtins()
+from segrouter.registry import registry
 
 
 @pytest.mark.parametrize(

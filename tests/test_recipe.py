@@ -9,11 +9,10 @@ from omegaconf import OmegaConf
 
 from segrouter.errors import RecipeError, SegrouterError
 from segrouter.recipe import load_recipe, save_recipe
-from segrouter.registry import load_builtins, load_plugins
+from segrouter.registry import load_plugins
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
-load_builtins()
 load_plugins()  # the repository's plugins/ (fastv): load_recipe itself never imports code
 
 
@@ -118,9 +117,6 @@ def test_changing_a_component_name_drops_the_old_parameters(tmp_path: Path) -> N
     ],
 )
 def test_value_ranges_fail_at_validation_before_any_build(overrides: list[str], where: str) -> None:
-    from segrouter.registry import load_builtins
-
-    load_builtins()
     with pytest.raises(SegrouterError) as err:
         load_recipe(RECIPES / "tiny.yaml", overrides)  # validation only: nothing is built
     assert str(err.value).startswith(where), str(err.value)
@@ -135,7 +131,6 @@ def test_value_ranges_fail_at_validation_before_any_build(overrides: list[str], 
     ],
 )
 def test_bad_templates_fail_at_validation(override: str, fragment: str) -> None:
-    load_builtins()
     with pytest.raises(RecipeError) as err:
         load_recipe(RECIPES / "tiny.yaml", [override])
     assert fragment in str(err.value) and len(str(err.value).splitlines()) == 1
@@ -147,7 +142,6 @@ def test_checkpoint_monitor_must_name_a_logged_metric(tmp_path: Path) -> None:
     from segrouter.cli import main
     from segrouter.metric_names import monitorable
 
-    load_builtins()
     with pytest.raises(RecipeError) as err:  # before: trained until the first validation, then crashed unsaved
         load_recipe(RECIPES / "tiny.yaml", ["checkpoint.monitor=val/cIoU"])
     assert str(err.value).startswith("checkpoint.monitor: no metric 'val/cIoU' is logged (did you mean 'val/ciou'?)")
@@ -161,6 +155,30 @@ def test_checkpoint_monitor_must_name_a_logged_metric(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["../../x", "a/b", "/abs", "..", "a\\b", ""])
 def test_a_run_name_is_one_folder_name(name: str) -> None:
-    load_builtins()
     with pytest.raises(RecipeError, match=r"^name: .* is not a folder name"):  # else runs land outside output_dir
         load_recipe(RECIPES / "tiny.yaml", [f"name='{name}'"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["trainer.early_stopping.monitor=val/cIoU"],
+         "trainer.early_stopping.monitor: no metric 'val/cIoU' is logged (did you mean 'val/ciou'?)"),
+        (["trainer.early_stopping.mode=maximum"], "trainer.early_stopping.mode: mode must be min or max"),
+        (["trainer.early_stopping.patience=-1"], "trainer.early_stopping.patience: -1 is out of range"),
+        (["trainer.early_stopping.min_delta=-0.1"], "trainer.early_stopping.min_delta: -0.1 is out of range"),
+        (["trainer.early_stopping.patiense=2"], "trainer.early_stopping.patiense"),
+        (["trainer.lr_monitor=true", "logger.csv=false"], "trainer.lr_monitor: the learning rate has no logger"),
+    ],
+)
+def test_callback_keys_are_checked_with_the_recipe(overrides: list[str], line: str) -> None:
+    with pytest.raises(RecipeError) as err:  # before anything is built, like every trainer key
+        load_recipe(RECIPES / "tiny.yaml", overrides)
+    assert str(err.value).startswith(line) and len(str(err.value).splitlines()) == 1, str(err.value)
+
+
+def test_callback_keys_are_off_by_default() -> None:
+    trainer = load_recipe(RECIPES / "tiny.yaml").trainer
+    assert trainer.lr_monitor is False and trainer.early_stopping.enabled is False
+    stop = load_recipe(RECIPES / "tiny.yaml", ["trainer.early_stopping.enabled=true"]).trainer.early_stopping
+    assert (stop.monitor, stop.mode, stop.patience, stop.min_delta) == ("val/ciou", "max", 3, 0.0)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import sys
 from pathlib import Path
 
 import pytest
 
+from segrouter import registry as registry_module
 from segrouter.errors import ParamError, RecipeError, SegrouterError, recipe_path
-from segrouter.registry import Registry, load_builtins, load_plugin_file, registry, type_matches
+from segrouter.registry import Registry, load_plugin_file, load_plugins, registry, type_matches
 
 
 class _Thing:
@@ -121,7 +124,6 @@ def test_duplicate_registration_is_refused() -> None:
 
 
 def test_builtins_are_registered() -> None:
-    load_builtins()
     assert "full" in registry("routing").names()
     assert {"timm_vit"} <= set(registry("vision_encoder").names())
     assert {"mlp"} <= set(registry("compressor").names())
@@ -129,6 +131,19 @@ def test_builtins_are_registered() -> None:
     assert "synthetic" in registry("dataset").names()
     with pytest.raises(SegrouterError, match="unknown component kind 'routin'.*did you mean 'routing'"):
         registry("routin")
+
+
+def test_the_registry_imports_what_fills_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking a registry imports the built-in packages: nobody has to load them first."""
+    package = f"segrouter_test_builtin_{tmp_path.name[-8:]}".replace("-", "_")
+    (tmp_path / f"{package}.py").write_text(
+        "from segrouter.registry import register\n\n\n@register('routing', 'self_loaded')\nclass SelfLoaded:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry("routing")  # the real built-ins go into the real registry, which the test then sets aside
+    monkeypatch.setitem(registry_module.REGISTRIES, "routing", Registry("routing"))  # restored after the test
+    monkeypatch.setattr(registry_module, "_BUILTIN_PACKAGES", (*registry_module._BUILTIN_PACKAGES, package))
+    assert package not in sys.modules
+    assert "self_loaded" in registry("routing").names()
 
 
 PLUGIN = '''
@@ -160,3 +175,20 @@ def test_broken_plugin_file_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SegrouterError) as err:
         load_plugin_file(f)
     assert "broken.py failed to import: ValueError: boom" in str(err.value)
+
+
+def test_load_plugins_twice_loads_each_plugin_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = f"segrouter_test_ep_once_{tmp_path.name[-8:]}".replace("-", "_")
+    (tmp_path / f"{module}.py").write_text("CALLS = []\n\n\ndef setup():\n    CALLS.append('entry point')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = importlib.metadata.EntryPoint(name="once", value=f"{module}:setup", group="segrouter.plugins")
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: [ep] if kw.get("group") == "segrouter.plugins" else real(**kw))
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "counted.py").write_text(PLUGIN.format(name="plugged_once") + f"\nimport {module}\n{module}.CALLS.append('file')\n")
+    load_plugins([plugins])
+    load_plugins([plugins])  # no "registered twice": nothing is imported or called again
+    assert sys.modules[module].CALLS == ["entry point", "file"]
+    assert "plugged_once" in registry("routing").names()

@@ -181,10 +181,8 @@ def test_a_fresh_run_never_reuses_a_run_folder_and_an_empty_ckpt_is_refused(
 ) -> None:
     from segrouter.errors import SegrouterError
     from segrouter.recipe import load_recipe
-    from segrouter.registry import load_builtins
     from segrouter.runs import find_eval_checkpoint, find_resume, next_version
 
-    load_builtins()
     cfg = load_recipe(TINY, [f"output_dir={tmp_path}"])
     ckpts = tmp_path / "tiny" / "version_0" / "checkpoints"
     ckpts.mkdir(parents=True)

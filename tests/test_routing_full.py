@@ -7,11 +7,9 @@ import torch
 
 from segrouter.compressors.base import VisualTokens
 from segrouter.model.sequence import build_sequence
-from segrouter.registry import load_builtins, registry
+from segrouter.registry import registry
 from segrouter.routing.base import Kind, TokenSequence, gather, scatter, select
 from segrouter.text import build_tokenizer
-
-load_builtins()
 
 
 def _llm(family: str, attn: str) -> torch.nn.Module:

@@ -13,13 +13,11 @@ import torch
 from segrouter.bench import disturbance, format_table, lisa_sequence, round_spread, run_bench
 from segrouter.errors import RecipeError, SegrouterError
 from segrouter.flops import count_flops
-from segrouter.registry import load_builtins, registry
+from segrouter.registry import registry
 from segrouter.routing.base import Kind
 from segrouter.text import build_tokenizer
 
 from conftest import RECIPES, build_model, tiny_cfg
-
-load_builtins()
 
 
 def _llm(layers: int = 4, d: int = 64) -> torch.nn.Module:

@@ -571,9 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     except SegrouterError as exc:
         print(f"gpu_bench: error: {exc}", file=sys.stderr)
         return 2
-    from segrouter.registry import load_builtins, load_plugins
+    from segrouter.registry import load_plugins
 
-    load_builtins()
     load_plugins([])
     args.out = Path(args.out)
     args.out.mkdir(parents=True, exist_ok=True)

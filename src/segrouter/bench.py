@@ -348,8 +348,7 @@ def _short(xs: list[float]) -> str:
     return f"{xs[0]:.0f}…{xs[-1]:.0f} (mean {sum(xs) / len(xs):.0f})"
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help="LLM FLOPs and wall time of recipe A vs recipe B, side by side")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="recipe A (the candidate)")
     p.add_argument("--vs", required=True, help="recipe B (the reference)")
     p.add_argument("--random-init", metavar="SHAPE", help=f"bench a random LLM of a named shape: {', '.join(SHAPES)}")
@@ -368,13 +367,9 @@ def add_parser(sub: Any) -> None:
                    help="--random-init: only count FLOPs, on meta tensors (no weights allocated, no timing), so "
                         "full-depth 7B/70B shapes fit anywhere")
     p.add_argument("--out", help="write the JSON result here")
-    p.add_argument("--plugins", action="append", default=[], metavar="DIR")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of recipe A (the candidate)")
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    from segrouter.registry import load_builtins, load_plugins
-
-    load_builtins()
-    load_plugins(args.plugins)
+def run(args: argparse.Namespace) -> int:
     print(format_table(run_bench(args)))
+    return 0

@@ -4,18 +4,21 @@ Every user-fixable problem ends as one line on stderr and exit code 2 (see :mod:
 the recipe is loaded and fully validated before any model is built or any file is written. SIGTERM and
 SIGINT end any command with one line and exit code 143/130 (see :mod:`segrouter.interrupts`); the heavy
 imports (torch, Lightning) happen inside :func:`main`, so even Ctrl-C during start-up prints no traceback.
+
+Every subcommand has its own module with the same two functions, ``add_arguments(parser)`` and
+``run(args) -> int`` (LitGPT's one table): :data:`COMMANDS` names them all, with their help lines and the
+options they share (declared once, e.g. ``--plugins``), so adding a command is one module and one table row.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import typing
 import warnings
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 from segrouter import interrupts
 from segrouter.errors import SegrouterError
@@ -37,168 +40,51 @@ class _Parser(argparse.ArgumentParser):
         raise SegrouterError(message, fix=f"see '{self.prog} --help'")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
-    p.add_argument("--plugins", action="append", default=[], metavar="DIR", help="extra plugin folder (repeatable)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. trainer.max_steps=100")
+class Command(NamedTuple):
+    """A subcommand: the module that implements it and its one-line help."""
+
+    module: str  # exposes add_arguments(parser: ArgumentParser) -> None and run(args: Namespace) -> int
+    help: str
+    shared: tuple[str, ...] = ()  # options declared once for several commands, see _shared_options
+
+
+COMMANDS: dict[str, Command] = {  # in the order of `segrouter --help`
+    "fit": Command("segrouter.fit", "train a recipe", ("recipe", "plugins")),
+    "validate": Command("segrouter.evaluate", "evaluate a checkpoint on the val split", ("recipe", "plugins")),
+    "test": Command("segrouter.evaluate", "evaluate a checkpoint on the test split", ("recipe", "plugins")),
+    "bench": Command("segrouter.bench", "LLM FLOPs and wall time of recipe A vs recipe B, side by side", ("plugins",)),
+    "predict": Command("segrouter.predict", "segment your own images from a checkpoint", ("plugins",)),
+    "consolidate": Command("segrouter.consolidate", "merge a DeepSpeed checkpoint folder into one .ckpt file"),
+    "analyze": Command("segrouter.analysis.attention", "analyses of a trained model", ("plugins",)),
+    "compare": Command("segrouter.compare", "compare finished runs (accuracy vs efficiency)"),
+    "sweep": Command("segrouter.sweep", "fit several recipes / a grid of overrides, then compare the runs",
+                     ("plugins",)),
+    "list": Command("segrouter.listing", "list registered components", ("plugins",)),
+}
+
+
+def _shared_options() -> dict[str, argparse.ArgumentParser]:
+    """Parent parsers for the options several commands take alike. The CLI loads ``--plugins`` folders itself,
+    once, before a command runs."""
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
+    recipe.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. trainer.max_steps=100")
+    recipe.add_argument("--print-recipe", action="store_true",
+                        help="print the resolved, validated recipe (YAML) and exit, building and writing nothing")
+    plugins = argparse.ArgumentParser(add_help=False)
+    plugins.add_argument("--plugins", action="append", default=[], metavar="DIR",
+                         help="extra plugin folder (repeatable)")
+    return {"recipe": recipe, "plugins": plugins}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from segrouter import bench, compare, consolidate, predict, sweep
-    from segrouter.analysis import attention
-    from segrouter.recipe import CONTROLS
-
     parser = _Parser(prog="segrouter", description="Efficient segmentation with multimodal LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
-    fit = sub.add_parser("fit", help="train a recipe")
-    _common(fit)
-    fit.add_argument("--resume", action="store_true", help="resume from --ckpt, or from this recipe's newest last.ckpt")
-    fit.add_argument("--ckpt", help="checkpoint to resume from (with --resume)")
-    fit.add_argument("--other-recipe", action="store_true",
-                     help="with --resume --ckpt: continue a checkpoint saved by another recipe (name) as a new run of "
-                          "this one (its architecture must still fit)")
-    for name in ("validate", "test"):
-        p = sub.add_parser(name, help=f"evaluate a checkpoint on the {'val' if name == 'validate' else 'test'} split")
-        _common(p)
-        p.add_argument("--ckpt", help="checkpoint (default: the newest run's best)")
-        p.add_argument("--control", choices=CONTROLS,
-                       help="evaluate with the LLM's visual tokens shuffled across the batch or zeroed "
-                            "(sets metrics.control; metrics are logged under the usual names)")
-        p.add_argument("--training-free", action="store_true",
-                       help="apply this recipe's method to --ckpt, trained without it (e.g. a full model): "
-                            "parameters the checkpoint lacks keep their initialisation (sets metrics.training_free)")
-    bench.add_parser(sub)
-    predict.add_parser(sub)
-    consolidate.add_parser(sub)
-    attention.add_parser(sub)
-    compare.add_compare_parser(sub)
-    sweep.add_sweep_parser(sub)
-    ls = sub.add_parser("list", help="list registered components")
-    ls.add_argument("kind", nargs="?", help="component kind (default: all)")
-    ls.add_argument("--plugins", action="append", default=[], metavar="DIR")
+    shared = _shared_options()
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, parents=[shared[s] for s in command.shared])
+        importlib.import_module(command.module).add_arguments(p)
     return parser
-
-
-def _prepare(args: argparse.Namespace) -> Any:
-    from segrouter.recipe import load_recipe
-    from segrouter.registry import load_builtins, load_plugins
-
-    load_builtins()
-    load_plugins(args.plugins)
-    return load_recipe(args.recipe, args.overrides)
-
-
-def cmd_fit(args: argparse.Namespace) -> None:
-    from segrouter.build import build
-    from segrouter.checkpoints import check_resumable
-    from segrouter.runs import check_output_dir, find_resume, next_version
-    from segrouter.training.trainer import build_trainer
-
-    cfg = _prepare(args)
-    if cfg.metrics.training_free:
-        raise SegrouterError("metrics.training_free describes an evaluation, not a training run",
-                             fix="start a fine-tune from a checkpoint with init_from=PATH instead")
-    if args.ckpt is not None and not args.resume:
-        raise SegrouterError("--ckpt on fit needs --resume", fix="add --resume to continue training from that checkpoint")
-    if args.other_recipe and not args.ckpt:
-        raise SegrouterError("--other-recipe needs --resume --ckpt PATH", fix="name the checkpoint to continue")
-    version, ckpt = find_resume(cfg, "last" if args.ckpt is None else args.ckpt) if args.resume else (None, None)
-    check_output_dir(cfg)
-    model, data = build(cfg, init_weights=not args.resume)
-    if ckpt is not None:  # before anything is written: a checkpoint that cannot be resumed stops here, in one line
-        check_resumable(model, ckpt, cfg.name, other_recipe=args.other_recipe)
-    if version is None:
-        version = next_version(cfg)
-    trainer = build_trainer(cfg, version=version)
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt)
-    log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-    if trainer.is_global_zero:
-        cb = trainer.checkpoint_callback
-        best = getattr(cb, "best_model_score", None)
-        metric = cfg.checkpoint.monitor
-        score = f"{metric}={float(best):.4f}" if best is not None else "no monitored score"
-        print(f"segrouter: fit done ({score}); run folder: {log_dir}; best: {getattr(cb, 'best_model_path', '')}")
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from segrouter.build import build
-    from segrouter.checkpoints import load_weights
-    from segrouter.runs import check_output_dir, find_eval_checkpoint, next_version
-    from segrouter.training.trainer import build_trainer
-
-    if args.control:
-        args.overrides.append(f"metrics.control={args.control}")
-    if args.training_free:
-        args.overrides.append("metrics.training_free=true")
-    cfg = _prepare(args)
-    training_free = bool(cfg.metrics.training_free)
-    if training_free and not args.ckpt:
-        raise SegrouterError("--training-free needs --ckpt", fix="name the checkpoint trained without this recipe's "
-                             "method, e.g. --ckpt runs/full/version_0/checkpoints/last.ckpt")
-    ckpt = find_eval_checkpoint(cfg, args.ckpt)
-    check_output_dir(cfg)  # evaluation logs into a new version folder
-    model, data = build(cfg)
-    sharded = Path(ckpt).is_dir()  # DeepSpeed's checkpoint folder: only its strategy can read it
-    if not sharded or training_free:  # a checkpoint of another recipe fails here, in one line, before any run folder
-        fresh = load_weights(model, ckpt, allow_missing=True)
-        if fresh and not training_free:
-            raise SegrouterError(
-                f"checkpoint {ckpt} does not fit the recipe ({len(fresh)} of its model's tensors are not in it, "
-                f"e.g. {fresh[0]})", fix="pass the recipe (and overrides) it was trained with, or add --training-free "
-                "to evaluate this recipe's method on it with those tensors at their initialisation")
-        if training_free:
-            print(f"segrouter: training-free: {training_free_note(model, fresh, ckpt)}", file=sys.stderr)
-    trainer = build_trainer(cfg, version=next_version(cfg))
-    run = trainer.validate if args.command == "validate" else trainer.test
-    run(model, datamodule=data, ckpt_path=ckpt if sharded else None)
-
-
-def training_free_note(model: Any, fresh: list[str], ckpt: str) -> str:
-    """One line: which of ``model``'s tensors are not in ``ckpt`` (by module, e.g. ``routing.projectors (8)``), and
-    what they compute at their initialisation."""
-    if not fresh:
-        return f"every tensor comes from {ckpt} (routing '{model.cfg.model.routing.name}' adds none)"
-    groups: dict[str, dict[str, int]] = {}  # top-level part -> module -> tensors
-    for key in fresh:
-        names = key.split(".")
-        module = ".".join(names[:2]) if len(names) > 2 else names[0]
-        groups.setdefault(names[0], {})[module] = groups.get(names[0], {}).get(module, 0) + 1
-    said = [", ".join(f"{m} ({n})" for m, n in modules.items()) + ": "
-            + (model.routing.initial_state() if part == "routing" else "as a fresh model builds them")
-            for part, modules in groups.items()]
-    return f"{len(fresh)} tensors are not in {ckpt} and keep their initialisation — {'; '.join(said)}"
-
-
-def cmd_list(args: argparse.Namespace) -> None:
-    from segrouter.registry import KINDS, load_builtins, load_plugins, registry
-
-    load_builtins()
-    load_plugins(args.plugins)
-    kinds = [registry(args.kind).kind] if args.kind else list(KINDS)
-    for kind in kinds:
-        print(kind)
-        for entry in registry(kind).entries():
-            print(f"  {entry.name:<18} {entry.source}")
-            params = entry.params().values()
-            print("      " + (", ".join(p.describe() for p in params) if params else "(no parameters)"))
-
-
-def commands() -> dict[str, Callable[[argparse.Namespace], None]]:
-    from segrouter import bench, compare, consolidate, predict, sweep
-    from segrouter.analysis import attention
-
-    return {
-        "fit": cmd_fit,
-        "validate": cmd_eval,
-        "test": cmd_eval,
-        "list": cmd_list,
-        "bench": bench.cmd_bench,
-        "analyze": attention.cmd_analyze,
-        "compare": compare.cmd_compare,
-        "sweep": sweep.cmd_sweep,
-        "predict": predict.cmd_predict,
-        "consolidate": consolidate.cmd_consolidate,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,14 +113,18 @@ def _main(argv: list[str] | None) -> int:
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    command = COMMANDS[args.command]
     try:
-        commands()[args.command](args)
+        if "plugins" in command.shared:
+            from segrouter.registry import load_plugins
+
+            load_plugins(args.plugins)
+        return importlib.import_module(command.module).run(args)
     except SegrouterError as exc:
         print(f"segrouter: error: {exc}", file=sys.stderr)
         return 2
     finally:
         _teardown_distributed()
-    return 0
 
 
 def _teardown_distributed() -> None:

@@ -251,17 +251,15 @@ def compare(
     return render(summaries, fmt)
 
 
-def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("compare", help="compare finished runs (accuracy vs efficiency)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's version folder, or a recipe folder (newest version)")
     p.add_argument("--metric", default="val/ciou", help="picks each run's best step (max; min for a loss)")
     p.add_argument("--plot", metavar="PNG", help="write a Pareto plot (cIoU vs LLM FLOPs)")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.add_argument("--out", metavar="FILE", help="write the table to FILE instead of stdout")
-    return p
 
 
-def cmd_compare(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     text = compare(args.runs, metric=args.metric, plot=args.plot, fmt=args.format)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -271,3 +269,4 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(text, end="")
     if args.plot:
         print(f"segrouter: wrote plot {args.plot}", file=sys.stderr)
+    return 0

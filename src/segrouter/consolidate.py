@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from segrouter.errors import SegrouterError
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("consolidate", help="merge a DeepSpeed checkpoint folder into one .ckpt file")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="DeepSpeed checkpoint folder (e.g. checkpoints/last.ckpt/)")
     p.add_argument("--out", required=True, help="output file, e.g. model.ckpt")
 
 
-def cmd_consolidate(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
     src, out = Path(args.ckpt), Path(args.out)
@@ -33,3 +31,4 @@ def cmd_consolidate(args: argparse.Namespace) -> None:
         raise SegrouterError(f"cannot consolidate {src}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                              fix="check the folder is complete (one shard per rank)") from None
     print(f"segrouter: consolidated {src} → {out}")
+    return 0

@@ -36,10 +36,8 @@ class Job:
     overlay: Path | None
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("predict", help="segment your own images from a checkpoint")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="the recipe the checkpoint was trained with")
-    p.add_argument("--plugins", action="append", default=[], metavar="DIR", help="extra plugin folder (repeatable)")
     p.add_argument("--ckpt", help="checkpoint (.ckpt or consolidated DeepSpeed file; default: the newest run's best)")
     p.add_argument("--image", help="one input image")
     p.add_argument("--text", help="the referring expression (with --image or --folder)")
@@ -124,11 +122,10 @@ def _write(img: Image.Image, path: Path) -> None:
     img.save(path, format="PNG")
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     from segrouter.build import build
     from segrouter.checkpoints import load_weights
     from segrouter.recipe import load_recipe
-    from segrouter.registry import load_builtins, load_plugins
     from segrouter.runs import find_eval_checkpoint
 
     jobs = _jobs(args)
@@ -140,8 +137,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
             if out is not None and out.resolve() in inputs:
                 raise SegrouterError(f"output {out} is an input image, which writing it would destroy",
                                      fix="write masks and overlays to other paths")
-    load_builtins()
-    load_plugins(args.plugins)
     cfg = load_recipe(args.recipe, args.overrides)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
     model, data = build(cfg)
@@ -155,3 +150,4 @@ def cmd_predict(args: argparse.Namespace) -> None:
         if job.overlay is not None:
             _write(overlay(image, mask), job.overlay)
         print(f"segrouter: {job.image} → {job.out} ({int(mask.sum())} px, {visual_tokens} visual tokens)")
+    return 0

@@ -102,6 +102,18 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Lightning's ``EarlyStopping`` (when enabled): end the fit when ``monitor`` has not improved by more than
+    ``min_delta`` for ``patience`` validations in a row."""
+
+    enabled: bool = False
+    monitor: str = "val/ciou"
+    mode: str = "max"
+    patience: int = 3
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
@@ -121,6 +133,8 @@ class TrainerConfig:
     num_sanity_val_steps: int = 0
     deterministic: bool = False
     enable_progress_bar: bool = True
+    lr_monitor: bool = False  # log the learning rate every logging step (Lightning's LearningRateMonitor)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
@@ -254,6 +268,8 @@ RANGES: dict[str, Rule] = {
     "trainer.limit_val_batches": _count_or_fraction(0, fraction_lo_open=False),
     "trainer.limit_test_batches": _count_or_fraction(0, fraction_lo_open=False),
     "trainer.num_sanity_val_steps": _int(0, also=(-1,)),
+    "trainer.early_stopping.patience": _int(0),
+    "trainer.early_stopping.min_delta": _real(0),
     "checkpoint.save_top_k": _int(0, also=(-1,)),
     "checkpoint.every_n_train_steps": _int(1, also=(None,)),
     "metrics.flops_batches": _int(0),
@@ -597,6 +613,15 @@ def validate_components(cfg: DictConfig) -> None:
                           where="checkpoint.monitor", fix=f"use one of: {', '.join(monitorable())} (or null)")
     if cfg.checkpoint.mode not in ("min", "max"):
         raise RecipeError(f"mode must be min or max, got '{cfg.checkpoint.mode}'", where="checkpoint.mode")
+    stop = cfg.trainer.early_stopping
+    if stop.monitor not in monitorable():
+        raise RecipeError(f"no metric '{stop.monitor}' is logged{did_you_mean(stop.monitor, monitorable())}",
+                          where="trainer.early_stopping.monitor", fix=f"use one of: {', '.join(monitorable())}")
+    if stop.mode not in ("min", "max"):
+        raise RecipeError(f"mode must be min or max, got '{stop.mode}'", where="trainer.early_stopping.mode")
+    if cfg.trainer.lr_monitor and not (cfg.logger.csv or cfg.logger.tensorboard):
+        raise RecipeError("the learning rate has no logger to go to", where="trainer.lr_monitor",
+                          fix="set logger.csv=true (or logger.tensorboard=true), or trainer.lr_monitor=false")
 
 
 def component(cfg: DictConfig, key: str) -> dict[str, Any]:
@@ -604,8 +629,13 @@ def component(cfg: DictConfig, key: str) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)  # type: ignore[return-value]
 
 
+def recipe_yaml(cfg: DictConfig) -> str:
+    """The resolved recipe as YAML: what a run folder's ``recipe.yaml`` holds and ``--print-recipe`` prints."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
 def save_recipe(cfg: DictConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.write_text(recipe_yaml(cfg))
     tmp.replace(path)

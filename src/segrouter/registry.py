@@ -9,6 +9,11 @@ two kinds of parameters:
 
 Keeping the two apart lets ``segrouter list`` show exactly what a researcher can set, and lets a recipe be
 checked (unknown keys, missing values, wrong types) before any model is built.
+
+The registries fill themselves (mmengine's ``Registry(locations=...)``): the first :func:`registry` call imports
+the built-in component packages, so no caller has to remember to, and a recipe, a test or a script that forgot
+cannot see an empty registry. Plugins are code the user opts into (``--plugins``), so they are loaded only by
+:func:`load_plugins`, once per process however often it is called.
 """
 
 from __future__ import annotations
@@ -185,17 +190,26 @@ REGISTRIES: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}
 
 
 def registry(kind: str) -> Registry:
+    """The registry of one kind, with the built-in components in it."""
+    found = _registry_of(kind)
+    _load_builtins()
+    return found
+
+
+def register(kind: str, name: str) -> Callable[[Any], Any]:
+    """Decorator: ``@register("routing", "my_strategy")`` on a class or factory."""
+    return _registry_of(kind).register(name)  # no loading here: the built-in packages register while they import
+
+
+def _registry_of(kind: str) -> Registry:
     if kind not in REGISTRIES:
         raise SegrouterError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}", fix=f"kinds: {', '.join(KINDS)}")
     return REGISTRIES[kind]
 
 
-def register(kind: str, name: str) -> Callable[[Any], Any]:
-    """Decorator: ``@register("routing", "my_strategy")`` on a class or factory."""
-    return registry(kind).register(name)
-
-
-def load_builtins() -> None:
+def _load_builtins() -> None:
+    """Import the built-in component packages; their ``@register`` decorators fill the registries. Python imports
+    each package once, so every later call costs six dictionary look-ups."""
     for pkg in _BUILTIN_PACKAGES:
         importlib.import_module(pkg)
 
@@ -212,7 +226,8 @@ def default_plugin_dirs() -> list[Path]:
 
 
 def load_plugin_file(path: Path) -> None:
-    """Import one plugin file; its ``@register`` decorators add its components."""
+    """Import one plugin file (once per process); its ``@register`` decorators add its components."""
+    _load_builtins()  # first, so that a plugin reusing a built-in name fails here, naming the plugin file
     path = path.resolve()
     mod_name = f"{PLUGIN_MODULE_PREFIX}.{path.stem}_{abs(hash(str(path))) % 10**8}"
     if mod_name in sys.modules:
@@ -240,14 +255,20 @@ def load_plugin_file(path: Path) -> None:
 
 
 _LOADED_DIRS: set[Path] = set()  # plugin folders imported so far (resolved), see :func:`check_recipe_plugins`
+_LOADED_ENTRY_POINTS: set[tuple[str, str]] = set()  # (name, value) of the entry points that loaded
 
 
 def load_plugins(extra_dirs: Iterable[str | Path] = ()) -> None:
     """Discover plugins: entry points of installed packages, then ``*.py`` files in plugin folders.
 
-    Only the command line calls this with folders (``--plugins DIR``): a recipe's ``plugins:`` list is
-    checked by :func:`check_recipe_plugins` and never imported, so reading a recipe cannot run code."""
+    Idempotent: an entry point or a plugin file that loaded once is not loaded again, so calling it twice
+    registers nothing twice (a file added to a folder since is loaded); what failed raises again. Only the
+    command line calls this with folders (``--plugins DIR``): a recipe's ``plugins:`` list is checked by
+    :func:`check_recipe_plugins` and never imported, so reading a recipe cannot run code."""
+    _load_builtins()  # first, so that a plugin reusing a built-in name fails while it loads, naming itself
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if (ep.name, ep.value) in _LOADED_ENTRY_POINTS:
+            continue
         try:
             obj = ep.load()
             if callable(obj) and not inspect.isclass(obj):
@@ -259,6 +280,7 @@ def load_plugins(extra_dirs: Iterable[str | Path] = ()) -> None:
                 f"plugin entry point '{ep.name}' ({ep.value}) failed to load: {type(exc).__name__}: {exc}",
                 fix="fix or uninstall the package that declares it",
             ) from exc
+        _LOADED_ENTRY_POINTS.add((ep.name, ep.value))
     dirs = [*default_plugin_dirs()]
     for d in extra_dirs:
         p = Path(d)

@@ -97,25 +97,18 @@ def run_job(job: Job, out: Path, plugins: list[str]) -> tuple[int, Path | None]:
     return code, (created[-1] if created else None)
 
 
-def add_sweep_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("sweep", help="fit several recipes / a grid of overrides, then compare the runs")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", nargs="+", required=True, metavar="RECIPE", help="recipe YAMLs; key=value overrides may follow")
     p.add_argument(
         "--grid", action="append", default=[], metavar="KEY=V1,V2", help="values to sweep (repeatable; all combinations run)"
     )
     p.add_argument("--out", default="runs/sweep", metavar="DIR", help="output_dir of every run (default: runs/sweep)")
-    p.add_argument("--plugins", action="append", default=[], metavar="DIR", help="extra plugin folder (repeatable)")
     p.add_argument("--metric", default="val/ciou", help="picks each run's best step in the comparison")
     p.add_argument("--plot", metavar="PNG", help="write a Pareto plot (cIoU vs LLM FLOPs)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides applied to every run")
-    return p
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
-    from segrouter.registry import load_builtins, load_plugins
-
-    load_builtins()
-    load_plugins(args.plugins)
+def run(args: argparse.Namespace) -> int:
     # --recipes takes every following word, so overrides written after the recipes land there: split them off
     recipes = [r for r in args.recipes if "=" not in r]
     overrides = [r for r in args.recipes if "=" in r] + list(args.overrides)
@@ -138,3 +131,4 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print(compare(runs, metric=args.metric, plot=args.plot), end="")
     if failed:
         raise SegrouterError(f"{len(failed)} of {len(jobs)} sweep runs failed: {', '.join(failed)}", fix="see their output above")
+    return 0

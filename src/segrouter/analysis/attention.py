@@ -63,26 +63,21 @@ def plot_profile(profile: dict[str, list[float]], path: Path, title: str) -> Non
     plt.close(fig)
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("analyze", help="analyses of a trained model")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=["attention"], help="attention: per-layer attention on image tokens")
     p.add_argument("--recipe", required=True)
     p.add_argument("--ckpt", help="checkpoint (default: the newest run's best)")
     p.add_argument("--batches", type=int, default=4, help="validation batches to average over")
     p.add_argument("--out", default=None, help="folder for attention.png / attention.json (default: beside the ckpt)")
-    p.add_argument("--plugins", action="append", default=[], metavar="DIR")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
-def cmd_analyze(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     from segrouter.build import build
     from segrouter.checkpoints import load_weights
     from segrouter.recipe import load_recipe
-    from segrouter.registry import load_builtins, load_plugins
     from segrouter.runs import find_eval_checkpoint
 
-    load_builtins()
-    load_plugins(args.plugins)
     cfg = load_recipe(args.recipe, args.overrides)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
     model, data = build(cfg)
@@ -99,3 +94,4 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     for i in range(len(profile["mask"])):
         print(f"{i:>5} " + " ".join(f"{profile[g][i]:>12.3f}" for g in profile))
     print(f"segrouter: wrote {out / 'attention.png'} and {out / 'attention.json'}")
+    return 0

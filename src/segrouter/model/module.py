@@ -32,7 +32,7 @@ from segrouter.metrics import CIoU, GIoU
 from segrouter.model.losses import bce_loss, dice_loss
 from segrouter.model.sequence import build_sequence
 from segrouter.recipe import component
-from segrouter.registry import load_builtins, registry
+from segrouter.registry import registry
 from segrouter.routing.base import RoutingStrategy, TokenSequence, gather
 from segrouter.text import IMAGE_TOKEN, mask_token_names
 
@@ -86,7 +86,6 @@ class SegmentationMLLM(L.LightningModule):
 
     def __init__(self, recipe: DictConfig | dict[str, Any], tokenizer: Any) -> None:
         super().__init__()
-        load_builtins()
         cfg = recipe if isinstance(recipe, DictConfig) else OmegaConf.create(recipe)
         self.save_hyperparameters({"recipe": OmegaConf.to_container(cfg, resolve=True)})
         self.cfg = cfg

@@ -1,4 +1,5 @@
-"""A Lightning ``Trainer`` configured from the recipe: strategy, precision, checkpoints, loggers."""
+"""A Lightning ``Trainer`` configured from the recipe: strategy, precision, checkpoints, loggers, and the
+callbacks a recipe may switch on (learning-rate monitor, early stopping)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, ModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ModelSummary,
+    RichProgressBar,
+)
 from lightning.pytorch.callbacks.model_summary import log as summary_log
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -225,6 +234,11 @@ def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callb
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     if t.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
+    if t.lr_monitor:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if t.early_stopping.enabled:
+        e = t.early_stopping
+        callbacks.append(EarlyStopping(monitor=e.monitor, mode=e.mode, patience=e.patience, min_delta=e.min_delta))
     callbacks.append(ParameterSummary())
     kwargs: dict[str, Any] = {
         k: t[k]
