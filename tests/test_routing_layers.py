@@ -13,7 +13,6 @@ from segrouter.errors import RecipeError
 from segrouter.registry import registry
 from segrouter.routing.base import resolve_layer
 
-
 DEPTHS = (2, 4, 22, 24, 32, 80)  # tiny; quickstart, visref, toy; tinyllama-1.1b; qwen2-0.5b; llama-7b; llama-70b
 FLOOR = {  # token_routing insert_layer / route_start: 0.25 in the defaults and every recipe
     0.25: (0, 1, 5, 6, 8, 20),
