@@ -67,10 +67,10 @@ def evaluate(runs: Path, out: Path, seed: int, arms: list[str], steps: int, lr: 
         run("test", *common, f"name={name}", "--ckpt", tuned, *knobs, *overrides)
 
 
-def _stat(values: list[float]) -> str:
+def _stat(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(out: Path, seeds: list[int], arms: list[str], command: str) -> str:
@@ -92,7 +92,7 @@ def table(out: Path, seeds: list[int], arms: list[str], command: str) -> str:
         label = ", ".join(k.split("=", 1)[0].removeprefix("model.routing.") + "=" + k.split("=", 1)[1]
                           for k in knobs[1:] if "assignment" not in k and "projector" not in k)
         rows.append(f"| {arm}{f' ({label})' if label else ''} | {ratio:.3f} | {_stat(free)} | {_stat(tuned)} | "
-                    f"{_stat(names)} | {'—' if arm == 'full' else _stat(diff)} |")
+                    f"{_stat(names)} | {'—' if arm == 'full' else _stat(diff, 1)} |")
     return f"Regenerate with `{command}`.\n\n" + "\n".join(rows)
 
 
