@@ -18,7 +18,7 @@ from test_refcoco import make_layout
 
 from segrouter.geometry import grid_coords
 from segrouter.registry import KINDS, default_plugin_dirs, load_plugins, registry
-from segrouter.routing.base import Kind, TokenSequence
+from segrouter.routing.base import Kind, TokenSequence, recording_tokens
 from segrouter.text import build_tokenizer
 
 load_plugins()  # the repository's plugins/ (and installed entry points): a plugin meets the same contract
@@ -138,6 +138,14 @@ def test_routing_contract(name: str, small_llm: Any) -> None:
     _grads_reach(seq.embeds)
     for pname, p in strategy.named_parameters():
         assert p.grad is not None, f"{pname} gets no gradient"
+    assert strategy.stats.ffn_masks is None, "which tokens ran each FFN is kept only inside recording_tokens()"
+    with recording_tokens(), torch.no_grad():  # what `segrouter analyze tokens` reads: masks in sequence order
+        strategy(small_llm, seq)
+    masks, ffn = strategy.stats.ffn_masks, strategy.stats.as_lists()["ffn_tokens"]
+    assert masks is not None and len(masks) == small_llm.num_layers, "one FFN mask per layer"
+    for mask, count in zip(masks, ffn):
+        assert mask.shape == seq.kinds.shape and mask.dtype == torch.bool and not (mask & ~seq.valid).any()
+        assert mask.sum(dim=1).float().mean().item() == pytest.approx(count)
 
 
 @pytest.mark.parametrize("name", _cases("mask_decoder"))

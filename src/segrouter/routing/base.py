@@ -6,11 +6,19 @@ a layer out are physically removed from that layer's tensors: :func:`select` pac
 each sample to the front, the layer runs on the packed tensor, and :func:`scatter` writes the results
 back. Every token keeps its original position id, so RoPE and the causal order do not change when
 tokens are skipped (removing tokens must not shift positions — see GAP/PAYN in docs/methods).
+
+Strategies count the tokens of every layer in a :class:`LayerStats`; inside :func:`recording_tokens` it also
+keeps *which* tokens ran each layer's FFN (``segrouter analyze tokens`` asks where the kept image tokens lie).
+That record is off by default, so training and evaluation pay nothing for it, and it needs no code in a
+strategy: every strategy already hands its per-layer masks to :meth:`LayerStats.record`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
@@ -48,16 +56,34 @@ class TokenSequence:
         return self.kinds == kind
 
 
+_RECORDING_TOKENS: ContextVar[bool] = ContextVar("segrouter_recording_tokens", default=False)
+
+
+@contextmanager
+def recording_tokens() -> Iterator[None]:
+    """Every :class:`LayerStats` made inside this block keeps each layer's FFN mask in ``ffn_masks``."""
+    token = _RECORDING_TOKENS.set(True)
+    try:
+        yield
+    finally:
+        _RECORDING_TOKENS.reset(token)
+
+
 @dataclass
 class LayerStats:
-    """Tokens per sample that entered each layer's attention (as queries) and FFN."""
+    """Tokens per sample that entered each layer's attention (as queries) and FFN; inside
+    :func:`recording_tokens` also ``ffn_masks``, per layer the (B, L) mask of the tokens that ran its FFN
+    (None otherwise). :meth:`record` takes masks over the sequence's positions, in sequence order."""
 
     attn: list[torch.Tensor] = field(default_factory=list)
     ffn: list[torch.Tensor] = field(default_factory=list)
+    ffn_masks: list[torch.Tensor] | None = field(default_factory=lambda: [] if _RECORDING_TOKENS.get() else None)
 
     def record(self, attn_active: torch.Tensor, ffn_active: torch.Tensor) -> None:
         self.attn.append(attn_active.sum().detach() / attn_active.shape[0])
         self.ffn.append(ffn_active.sum().detach() / ffn_active.shape[0])
+        if self.ffn_masks is not None:
+            self.ffn_masks.append(ffn_active.detach())
 
     def as_lists(self) -> dict[str, list[float]]:
         return {"attn_tokens": [float(t) for t in self.attn], "ffn_tokens": [float(t) for t in self.ffn]}

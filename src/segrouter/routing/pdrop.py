@@ -96,6 +96,7 @@ class PyramidDrop(RoutingStrategy):
         hp, pos, kinds = gather(h, idx), gather(seq.positions, idx), gather(seq.kinds, idx)
         pe = (gather(cos, idx), gather(sin, idx))
         bias = attention_bias(pos, ok, pos, ok, h.dtype)
+        present = seq.valid
         self.stats = LayerStats()
         layer_input = hp  # the previous layer's input, which ranks tokens at a stage boundary
         for i, layer in enumerate(llm.layers):
@@ -109,7 +110,8 @@ class PyramidDrop(RoutingStrategy):
                 hp, pos, kinds = gather(hp, sub), gather(pos, sub), gather(kinds, sub)
                 pe = (gather(pe[0], sub), gather(pe[1], sub))
                 bias = attention_bias(pos, ok, pos, ok, h.dtype)
+                present = torch.zeros_like(seq.valid).scatter(1, idx, ok)  # the packed tokens, in sequence order
             layer_input = hp
-            self.stats.record(ok, ok)
+            self.stats.record(present, present)
             hp = run_layer(llm, layer, hp, bias, pe, pos)
         return llm.norm(scatter(h, idx, ok, hp))
