@@ -4,17 +4,24 @@ For each LLM layer (run unrouted, every token present) this measures the attenti
 image keys, averaged over heads and queries — that mask tokens, text tokens and image tokens give to the
 image tokens. The paper reports that image tokens attend to image tokens in all layers, while mask
 tokens attend to them only in deeper layers; this reproduces the measurement on our models.
+
+This module is also the ``segrouter analyze`` command: it loads the recipe, the checkpoint and the validation
+batches once, in the same way for every analysis of :data:`ANALYSES` (``tokens``: where the kept image
+tokens lie, :mod:`segrouter.analysis.tokens`), which then measures, prints and writes its files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from segrouter.analysis import tokens
+from segrouter.errors import SegrouterError
 from segrouter.routing.base import Kind, attention_bias, received_attention, run_layer
 
 GROUPS = {"mask": Kind.MASK, "text": Kind.TEXT, "image": Kind.IMAGE}
@@ -63,12 +70,38 @@ def plot_profile(profile: dict[str, list[float]], path: Path, title: str) -> Non
     plt.close(fig)
 
 
+def report(cfg: Any, ckpt: str, model: Any, batches: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Measure, then print the table and write attention.json and attention.png to ``out``."""
+    profile = attention_profile(model, batches)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention.json").write_text(json.dumps({"ckpt": str(ckpt), "profile": profile}, indent=2))
+    plot_profile(profile, out / "attention.png", f"{cfg.name}: attention on image tokens")
+    print(f"{'layer':>5} " + " ".join(f"{g + '→image':>12}" for g in profile))
+    for i in range(len(profile["mask"])):
+        print(f"{i:>5} " + " ".join(f"{profile[g][i]:>12.3f}" for g in profile))
+    return [out / "attention.png", out / "attention.json"]
+
+
+ANALYSES: dict[str, Callable[[Any, str, Any, list[dict[str, Any]], Path], list[Path]]] = {
+    "attention": report,
+    "tokens": tokens.report,
+}
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["attention"], help="attention: per-layer attention on image tokens")
+    p.add_argument("what", choices=list(ANALYSES),
+                   help="attention: per-layer attention on image tokens; tokens: per layer, where the kept (or proxy) "
+                        "image tokens lie relative to the target's mask")
     p.add_argument("--recipe", required=True)
     p.add_argument("--ckpt", help="checkpoint (default: the newest run's best)")
-    p.add_argument("--batches", type=int, default=4, help="validation batches to average over")
-    p.add_argument("--out", default=None, help="folder for attention.png / attention.json (default: beside the ckpt)")
+    p.add_argument("--batches", type=_positive, default=4, help="validation batches to average over")
+    p.add_argument("--out", default=None, help="folder for WHAT.png / WHAT.json (default: the checkpoint's run folder)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
@@ -80,18 +113,15 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
+    out = Path(args.out) if args.out else Path(ckpt).resolve().parent.parent
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise SegrouterError(f"--out {out}: {blocked} is a file", fix="name a folder for the analysis' .png and .json")
     model, data = build(cfg)
     load_weights(model, ckpt)  # one line, exit 2, when the checkpoint does not fit the recipe
     model.eval()
     loader = data.val_dataloader()
     batches = [b for _, b in zip(range(args.batches), loader)]
-    profile = attention_profile(model, batches)
-    out = Path(args.out) if args.out else Path(ckpt).resolve().parent.parent
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention.json").write_text(json.dumps({"ckpt": str(ckpt), "profile": profile}, indent=2))
-    plot_profile(profile, out / "attention.png", f"{cfg.name}: attention on image tokens")
-    print(f"{'layer':>5} " + " ".join(f"{g + '→image':>12}" for g in profile))
-    for i in range(len(profile["mask"])):
-        print(f"{i:>5} " + " ".join(f"{profile[g][i]:>12.3f}" for g in profile))
-    print(f"segrouter: wrote {out / 'attention.png'} and {out / 'attention.json'}")
+    written = ANALYSES[args.what](cfg, ckpt, model, batches, out)
+    print(f"segrouter: wrote {' and '.join(str(p) for p in written)}")
     return 0
