@@ -199,8 +199,8 @@ def table(command: str, seeds: list[int], runs: dict[int, dict[str, list[Path]]]
     timed = [s for s in seeds if all(k in minutes.get(s, {}) for k in PIPELINE)]
     if timed:
         longest = max(sum(minutes[s][k] for k in PIPELINE) for s in timed)
-        check = f"testbed pipeline (pretraining, testbed, its evaluations) ≤ 30 min per seed (longest: {longest:.1f} min)"
-        checks.append((check, longest <= 30))
+        checks.append((f"testbed pipeline (pretraining, testbed, its evaluations) ≤ 30 min per seed "
+                       f"(longest: {longest:.1f} min)", longest <= 30))  # noqa: ISC004
     times = "; ".join(f"seed {s}: " + ", ".join(_stage_time(k, v) for k, v in minutes[s].items())
                       for s in seeds if s in minutes) or "not recorded"
     return "\n".join([
