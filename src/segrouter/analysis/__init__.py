@@ -1,1 +1,1 @@
-"""Model analyses (attention profiles) behind ``segrouter analyze``."""
+"""Model analyses behind ``segrouter analyze``: attention profiles and where the kept image tokens lie."""

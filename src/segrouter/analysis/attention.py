@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from segrouter.analysis import tokens
+from segrouter.analysis.base import plot_per_layer
 from segrouter.errors import SegrouterError
 from segrouter.routing.base import Kind, attention_bias, received_attention, run_layer
 
@@ -51,31 +52,13 @@ def attention_profile(model: Any, batches: list[dict[str, Any]]) -> dict[str, li
     return {g: (sums[g] / max(1, counts[g])).tolist() for g in GROUPS}
 
 
-def plot_profile(profile: dict[str, list[float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for g, values in profile.items():
-        ax.plot(range(len(values)), values, marker="o", label=f"{g} → image")
-    ax.set_xlabel("LLM layer")
-    ax.set_ylabel("attention mass on image tokens")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def report(cfg: Any, ckpt: str, model: Any, batches: list[dict[str, Any]], out: Path) -> list[Path]:
     """Measure, then print the table and write attention.json and attention.png to ``out``."""
     profile = attention_profile(model, batches)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attention.json").write_text(json.dumps({"ckpt": str(ckpt), "profile": profile}, indent=2))
-    plot_profile(profile, out / "attention.png", f"{cfg.name}: attention on image tokens")
+    plot_per_layer({f"{g} → image": values for g, values in profile.items()}, out / "attention.png",
+                   title=f"{cfg.name}: attention on image tokens", ylabel="attention mass on image tokens")
     print(f"{'layer':>5} " + " ".join(f"{g + '→image':>12}" for g in profile))
     for i in range(len(profile["mask"])):
         print(f"{i:>5} " + " ".join(f"{profile[g][i]:>12.3f}" for g in profile))

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from segrouter.analysis.base import plot_per_layer
 from segrouter.errors import SegrouterError
 from segrouter.routing.base import Kind, recording_tokens
 
@@ -89,30 +90,6 @@ def _check_record(ffn_masks: list[torch.Tensor] | None, layers: int, shape: torc
                 "ffn_active) once per layer with (B, L) masks in sequence order (docs/plugins.md)")
 
 
-def plot_placement(placement: dict[str, Any], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    values = placement["layers"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels = {"kept": "kept / image tokens", "inside": "inside / kept", "recall": "kept inside / inside"}
-    for m in MEASURES:
-        ax.plot(range(len(values[m])), values[m], marker="o", label=labels[m])
-    ax.axhline(placement["chance"], color="grey", linestyle="--", label="chance: inside / image tokens")
-    ax.set_xlabel("LLM layer")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("share of image tokens")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def report(cfg: Any, ckpt: str, model: Any, batches: list[dict[str, Any]], out: Path) -> list[Path]:
     """Measure, then print the table and write tokens.json and tokens.png to ``out`` (nothing when it fails)."""
     placement = token_placement(model, batches)
@@ -120,7 +97,10 @@ def report(cfg: Any, ckpt: str, model: Any, batches: list[dict[str, Any]], out: 
     info = {"ckpt": str(ckpt), "recipe": cfg.name, "routing": cfg.model.routing.name,
             "inside_rule": "token centre's pixel in the mask", **placement}
     (out / "tokens.json").write_text(json.dumps(info, indent=2))
-    plot_placement(placement, out / "tokens.png", f"{cfg.name}: where the kept image tokens are")
+    labels = {"kept": "kept / image tokens", "inside": "inside / kept", "recall": "kept inside / inside"}
+    plot_per_layer({labels[m]: placement["layers"][m] for m in MEASURES}, out / "tokens.png",
+                   title=f"{cfg.name}: where the kept image tokens are", ylabel="share of image tokens",
+                   reference=("chance: inside / image tokens", placement["chance"]))
     values = placement["layers"]
     print(f"{'layer':>5} {'kept':>7} {'inside':>7} {'chance':>7} {'recall':>7}")
     for i in range(len(values["kept"])):
