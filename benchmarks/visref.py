@@ -152,12 +152,13 @@ def name_breakdown(run_dir: Path, overrides: list[str]) -> dict[str, float]:
     return {k: v / samples for k, v in right.items()}
 
 
-def _fmt(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 3) -> str:
+    """``mean ± std`` over seeds (the value alone for one seed, ``—`` for none)."""
     if not values:
         return "—"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(command: str, seeds: list[int], runs: dict[int, dict[str, list[Path]]],
@@ -180,7 +181,7 @@ def table(command: str, seeds: list[int], runs: dict[int, dict[str, list[Path]]]
             rows.append(f"| {label} | {control} | {seed} | "
                         + " | ".join("—" if row[c] is None else f"{row[c]:.3f}" for c in cols) + " |")
         rows.append(f"| **{label}** | mean ± std | {len(seeds)} | "
-                    + " | ".join(_fmt(values[role][c]) for c in cols) + " |")
+                    + " | ".join(mean_std(values[role][c]) for c in cols) + " |")
     ref = reference_levels(overrides)
     words = [name_breakdown(runs[seed][FULL][0], overrides) for seed in seeds]
     full = values[FULL]["test/ciou"]
@@ -212,8 +213,8 @@ def table(command: str, seeds: list[int], runs: dict[int, dict[str, list[Path]]]
         f"(most frequent name per expression, fitted on these samples) scores name_acc "
         f"{ref['text_only_name_acc']:.3f} (a uniform guess among the {ref['names']} names: {1 / ref['names']:.3f}); "
         f"segmenting every object scores cIoU {ref['segment_all_ciou']:.3f}. What the testbed's test name_acc is "
-        f"made of (teacher-forced, per word): colour {_fmt([w['colour'] for w in words])} "
-        f"(chance {1 / ref['colours']:.3f}), shape {_fmt([w['shape'] for w in words])} "
+        f"made of (teacher-forced, per word): colour {mean_std([w['colour'] for w in words])} "
+        f"(chance {1 / ref['colours']:.3f}), shape {mean_std([w['shape'] for w in words])} "
         f"(chance {1 / ref['shapes']:.3f}).",
         "",
         "| acceptance check (issue 12) | met |",

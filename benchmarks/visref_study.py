@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from visref import best_checkpoint, run, run_script, write_section  # noqa: E402
+from visref import best_checkpoint, mean_std, run, run_script, write_section  # noqa: E402
 
 from segrouter.compare import summarize  # noqa: E402
 
@@ -67,32 +67,26 @@ def evaluate(runs: Path, out: Path, seed: int, arms: list[str], steps: int, lr: 
         run("test", *common, f"name={name}", "--ckpt", tuned, *knobs, *overrides)
 
 
-def _stat(values: list[float], digits: int = 3) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def table(out: Path, seeds: list[int], arms: list[str], command: str) -> str:
-    def test(prefix: str, arm: str, seed: int, k: int) -> dict[str, float]:
+    def test(prefix: str, arm: str, seed: int) -> dict[str, float]:
+        k = 0 if prefix == "tf" else 1  # a fine-tune's test run follows its training run in the same folder
         return summarize(out / f"{prefix}_{_slug(arm)}_s{seed}" / f"version_{k}").values
 
     header = ("| arm (knobs) | LLM FLOPs / full | training-free cIoU | fine-tuned cIoU | fine-tuned name_acc "
               "| fine-tuned − full (cIoU points) |")
     rows = [header, "|---|---:|---:|---:|---:|---:|"]
-    full_ft = {s: test("ft", "full", s, 1)["test/ciou"] for s in seeds}
+    full = {s: test("ft", "full", s) for s in seeds}
     for arm in arms:
-        knobs = ARMS[arm]
-        ratio = statistics.mean(test("ft", arm, s, 1)["llm_flops"] / test("ft", "full", s, 1)["llm_flops"]
-                                for s in seeds)
-        free = [test("tf", arm, s, 0)["test/ciou"] for s in seeds]
-        tuned = [test("ft", arm, s, 1)["test/ciou"] for s in seeds]
-        names = [test("ft", arm, s, 1)["test/name_acc"] for s in seeds]
-        diff = [100 * (t - full_ft[s]) for t, s in zip(tuned, seeds, strict=True)]
+        tuned = {s: test("ft", arm, s) for s in seeds}
+        ratio = statistics.mean(tuned[s]["llm_flops"] / full[s]["llm_flops"] for s in seeds)
+        free = [test("tf", arm, s)["test/ciou"] for s in seeds]
+        diff = [100 * (tuned[s]["test/ciou"] - full[s]["test/ciou"]) for s in seeds]
         label = ", ".join(k.split("=", 1)[0].removeprefix("model.routing.") + "=" + k.split("=", 1)[1]
-                          for k in knobs[1:] if "assignment" not in k and "projector" not in k)
-        rows.append(f"| {arm}{f' ({label})' if label else ''} | {ratio:.3f} | {_stat(free)} | {_stat(tuned)} | "
-                    f"{_stat(names)} | {'—' if arm == 'full' else _stat(diff, 1)} |")
+                          for k in ARMS[arm][1:] if "assignment" not in k and "projector" not in k)
+        rows.append(f"| {arm}{f' ({label})' if label else ''} | {ratio:.3f} | {mean_std(free)} | "
+                    f"{mean_std([tuned[s]['test/ciou'] for s in seeds])} | "
+                    f"{mean_std([tuned[s]['test/name_acc'] for s in seeds])} | "
+                    f"{'—' if arm == 'full' else mean_std(diff, 1)} |")
     return f"Regenerate with `{command}`.\n\n" + "\n".join(rows)
 
 
