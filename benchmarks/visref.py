@@ -68,14 +68,22 @@ def best_checkpoint(run_dir: Path) -> Path:
 PIPELINE = ("pretrain", "testbed", "testbed evaluations")  # the stages the 30-minute budget covers
 
 
-def train_and_evaluate(out: Path, seed: int, overrides: list[str]) -> tuple[dict[str, list[Path]], dict[str, float]]:
-    """Every run of one seed: the folders of its training runs and evaluations by role, and the minutes each
-    stage took (with the 1-minute load average before the first, to show whether the machine was idle)."""
+def seed_runs(out: Path, seed: int) -> dict[str, list[Path]]:
+    """Where one seed's runs are, by role: [training run, evaluation run]. A testbed's evaluations follow its
+    training in its folder: the test as version 1, then one version per control, in CONTROLS order."""
+    full, blind = (f"{n}_s{seed}" for n in (FULL, BLIND))
+    return {FULL: [version(out, full, 0), version(out, full, 1)],
+            BLIND: [version(out, blind, 0), version(out, blind, 1)],
+            **{f"{FULL}+{c}": [version(out, full, 0), version(out, full, k)] for k, c in enumerate(CONTROLS, start=2)}}
+
+
+def train_and_evaluate(out: Path, seed: int, overrides: list[str]) -> dict[str, float]:
+    """Every run of one seed (into the folders of :func:`seed_runs`); the minutes each stage took, with the
+    1-minute load average before the first, to show whether the machine was idle."""
     common = [f"output_dir={out}", f"seed={seed}", "trainer.enable_progress_bar=false"]
     pretrain, full, blind = (f"{n}_s{seed}" for n in (PRETRAIN, FULL, BLIND))
     minutes: dict[str, float] = {"load average at start": os.getloadavg()[0]}
     init = version(out, pretrain, 0) / "checkpoints" / "last.ckpt"
-    runs: dict[str, list[Path]] = {}
 
     def timed(stage: str, *commands: tuple[str, ...]) -> None:
         t0 = time.perf_counter()
@@ -91,10 +99,7 @@ def train_and_evaluate(out: Path, seed: int, overrides: list[str]) -> tuple[dict
                 str(best_checkpoint(version(out, name, 0))), *overrides)
         controls = CONTROLS if recipe == FULL else ()
         timed(f"{stage} evaluations", test, *((*test, "--control", c) for c in controls))
-        runs[recipe] = [version(out, name, 0), version(out, name, 1)]
-        for k, control in enumerate(controls, start=2):
-            runs[f"{FULL}+{control}"] = [version(out, name, 0), version(out, name, k)]
-    return runs, minutes
+    return minutes
 
 
 def reference_levels(overrides: list[str]) -> dict[str, float]:
@@ -272,18 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     timings = out / "timings.json"
     minutes = {int(k): v for k, v in json.loads(timings.read_text()).items()} if timings.exists() else {}
-    runs = {}
+    runs = {seed: seed_runs(out, seed) for seed in args.seeds}
     for seed in args.seeds:
-        done = {FULL: [version(out, f"{FULL}_s{seed}", k) for k in (0, 1)],
-                BLIND: [version(out, f"{BLIND}_s{seed}", k) for k in (0, 1)],
-                **{f"{FULL}+{c}": [version(out, f"{FULL}_s{seed}", 0), version(out, f"{FULL}_s{seed}", k)]
-                   for k, c in enumerate(CONTROLS, start=2)}}
-        if args.table_only or (seed in minutes and all(p.is_dir() for paths in done.values() for p in paths)):
-            if not args.table_only:
-                print(f"visref.py: seed {seed} is complete in {out} (its runs and timings.json): not rerun", flush=True)
-            runs[seed] = done
+        if args.table_only:
+            continue
+        if seed in minutes and all(p.is_dir() for paths in runs[seed].values() for p in paths):
+            print(f"visref.py: seed {seed} is complete in {out} (its runs and timings.json): not rerun", flush=True)
         else:
-            runs[seed], minutes[seed] = train_and_evaluate(out, seed, args.overrides)
+            minutes[seed] = train_and_evaluate(out, seed, args.overrides)
             timings.write_text(json.dumps(minutes))
     command = shlex.join(["python", "benchmarks/visref.py", "--out", args.out, "--seeds", *map(str, args.seeds),
                           *args.overrides])
