@@ -7,7 +7,8 @@
 # Usage: bash benchmarks/gpu/visref_sweep.sh OUT_DIR SECONDS CONFIG...   where CONFIG is
 #   label:key=value,key=value   (label alone: the recipe as committed). Each CONFIG runs for seeds 0 and 1
 # and is stopped after SECONDS; OUT_DIR/sweep.tgz holds every run's metrics.csv and log (one file: the device
-# tool brings back a few files only). ACCEL=cpu runs it on a CPU (a dry run).
+# tool brings back a few files only). ACCEL=cpu runs it on a CPU (a dry run); PRETRAIN names the folder of the
+# stage-1 runs (default runs/visref), whose visref_pretrain_s0/s1 last.ckpt the device call must carry.
 # Measured on an H200 with 16 cores: 16 runs at once take 0.35 s per step each, 6 at once 0.14 s.
 set -uo pipefail
 if [ $# -lt 3 ]; then
@@ -22,6 +23,7 @@ if ! python3 -c "import omegaconf" 2>/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+pretrain=${PRETRAIN:-runs/visref}
 work=/tmp/visref_sweep
 rm -rf "$work"
 pids=()
@@ -30,7 +32,7 @@ for spec in "$@"; do
   overrides=()
   [[ $spec == *:* ]] && IFS=, read -r -a overrides <<< "${spec#*:}"
   for seed in 0 1; do
-    ckpt=runs/visref/visref_pretrain_s$seed/version_0/checkpoints/last.ckpt
+    ckpt=$pretrain/visref_pretrain_s$seed/version_0/checkpoints/last.ckpt
     mkdir -p "$work/${label}_s$seed"
     timeout -s TERM -k 20 "$seconds" python3 -m segrouter.cli fit --recipe recipes/visref.yaml \
       output_dir=$work name="${label}_s$seed" seed=$seed init_from=$ckpt trainer.accelerator=${ACCEL:-gpu} \
