@@ -454,6 +454,57 @@ def test_cli_checkpoints_and_resume(run_root: Path, tmp_path: Path, capsys: pyte
     _check(["fit", "--recipe", TINY, out, "--ckpt", str(last)], capsys, "--ckpt on fit needs --resume")
 
 
+@pytest.fixture(scope="module")
+def broken_checkpoints(run_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One file (or folder) per way a checkpoint can be broken, made from the existing run's last.ckpt."""
+    import torch
+
+    last = run_root / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    good = torch.load(last, weights_only=True)
+    state = good["state_dict"]
+    key = next(iter(state))
+    d = tmp_path_factory.mktemp("broken_ckpts")
+    (d / "empty.ckpt").write_bytes(b"")
+    (d / "truncated.ckpt").write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    (d / "garbage.ckpt").write_bytes(bytes(range(256)) * 16)
+    (d / "text.ckpt").write_text("not a checkpoint\n")
+    torch.save([1, 2, 3], d / "list.ckpt")
+    torch.save({"epoch": 1}, d / "no_state_dict.ckpt")
+    torch.save({**good, "state_dict": {**state, key: torch.zeros(3, 3, 3)}}, d / "shape.ckpt")
+    torch.save({**good, "state_dict": {"llm.no_such_layer.weight": torch.zeros(2)}}, d / "other_model.ckpt")
+    (d / "folder.ckpt").mkdir()  # a folder that is not a DeepSpeed checkpoint
+    return {p.stem: p for p in d.iterdir()}
+
+
+BROKEN_CKPTS = ["empty", "truncated", "garbage", "text", "list", "no_state_dict", "shape", "other_model", "folder"]
+CKPT_COMMANDS = ["fit --resume", "validate", "test", "predict", "analyze attention"]
+
+
+@pytest.mark.parametrize("command", CKPT_COMMANDS)
+@pytest.mark.parametrize("case", BROKEN_CKPTS)
+def test_broken_checkpoint_on_every_command(case: str, command: str, run_root: Path, tmp_path: Path,
+                                            broken_checkpoints: dict[str, Path],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Every command that reads a checkpoint refuses a broken one in one line, before it writes anything."""
+    from PIL import Image
+
+    ckpt = str(broken_checkpoints[case])
+    out = f"output_dir={run_root}"
+    if command == "predict":
+        image = tmp_path / "in.png"
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+        argv = ["predict", "--recipe", TINY, "--ckpt", ckpt, "--image", str(image), "--text", "the red circle",
+                "--out", str(tmp_path / "mask.png"), out]
+    elif command == "analyze attention":
+        argv = ["analyze", "attention", "--recipe", TINY, "--ckpt", ckpt, "--out", str(tmp_path / "analysis"), out]
+    else:
+        argv = [*command.split(), "--recipe", TINY, out, "--ckpt", ckpt]
+        if command == "fit --resume":
+            argv = ["fit", "--resume", "--recipe", TINY, out, "--ckpt", ckpt]
+    _check(argv, capsys)
+    assert not (tmp_path / "mask.png").exists() and not (tmp_path / "analysis").exists()
+
+
 ARGPARSE = [
     ["fit"],
     ["fit", "--recipe"],

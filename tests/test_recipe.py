@@ -169,6 +169,11 @@ def test_a_run_name_is_one_folder_name(name: str) -> None:
         (["trainer.early_stopping.min_delta=-0.1"], "trainer.early_stopping.min_delta: -0.1 is out of range"),
         (["trainer.early_stopping.patiense=2"], "trainer.early_stopping.patiense"),
         (["trainer.lr_monitor=true", "logger.csv=false"], "trainer.lr_monitor: the learning rate has no logger"),
+        (["trainer.compile.enabled=true", "trainer.compile.backend=indutor"],
+         "trainer.compile.backend: unknown torch.compile backend 'indutor' (did you mean 'inductor'?)"),
+        (["trainer.compile.mode=fast"], "trainer.compile.mode: unknown torch.compile mode 'fast'"),
+        (["trainer.compile.enable=true"], "trainer.compile.enable"),
+        (["logger.wandb.offline=maybe"], "logger.wandb.offline"),
     ],
 )
 def test_callback_keys_are_checked_with_the_recipe(overrides: list[str], line: str) -> None:
@@ -178,7 +183,19 @@ def test_callback_keys_are_checked_with_the_recipe(overrides: list[str], line: s
 
 
 def test_callback_keys_are_off_by_default() -> None:
-    trainer = load_recipe(RECIPES / "tiny.yaml").trainer
+    cfg = load_recipe(RECIPES / "tiny.yaml")
+    trainer = cfg.trainer
     assert trainer.lr_monitor is False and trainer.early_stopping.enabled is False
+    assert trainer.compile.enabled is False and cfg.logger.wandb.enabled is False and cfg.logger.wandb.offline
     stop = load_recipe(RECIPES / "tiny.yaml", ["trainer.early_stopping.enabled=true"]).trainer.early_stopping
     assert (stop.monitor, stop.mode, stop.patience, stop.min_delta) == ("val/ciou", "max", 3, 0.0)
+
+
+def test_wandb_without_the_package_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / "tiny.yaml", ["logger.wandb.enabled=true"])
+    assert str(err.value).startswith("logger.wandb.enabled: the wandb package is not installed — pip install wandb")

@@ -5,10 +5,12 @@ SIGKILL, SIGTERM and SIGINT leave a run that resumes (the signals: one line, exi
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -213,22 +215,24 @@ from segrouter.routing.full import FullRouting
 
 @register("routing", "kill_at")
 class KillAt(FullRouting):
-    \"\"\"Full routing that SIGKILLs its own process at the N-th training forward (N from $KILL_AT_CALL).\"\"\"
+    \"\"\"Full routing that SIGKILLs its own process at the N-th training forward (N from $KILL_AT_CALL), or at
+    the N-th evaluation forward (N from $KILL_AT_EVAL_CALL).\"\"\"
 
-    calls = 0
+    calls = {True: 0, False: 0}
 
     def forward(self, llm, seq):
-        if self.training:
-            type(self).calls += 1
-            if type(self).calls == int(os.environ.get("KILL_AT_CALL", "0")):
-                os.kill(os.getpid(), signal.SIGKILL)
+        type(self).calls[self.training] += 1
+        at = os.environ.get("KILL_AT_CALL" if self.training else "KILL_AT_EVAL_CALL", "0")
+        if type(self).calls[self.training] == int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
         return super().forward(llm, seq)
 """
 
 
-def _fit(tmp_path: Path, name: str, *extra: str, kill_at: int = 0) -> subprocess.CompletedProcess[str]:
+def _fit(tmp_path: Path, name: str, *extra: str, kill_at: int = 0,
+         kill_at_eval: int = 0) -> subprocess.CompletedProcess[str]:
     """``segrouter fit`` in a child process (SIGKILL must not take the test down with it)."""
-    env = {**os.environ, "KILL_AT_CALL": str(kill_at)}
+    env = {**os.environ, "KILL_AT_CALL": str(kill_at), "KILL_AT_EVAL_CALL": str(kill_at_eval)}
     env.pop("SEGROUTER_RUN_VERSION", None)
     cmd = [sys.executable, "-m", "segrouter.cli", "fit", "--recipe", TINY, "--plugins", str(tmp_path / "plugins"),
            f"output_dir={tmp_path}", f"name={name}", "model.routing.name=kill_at",
@@ -260,6 +264,64 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     assert w_whole.keys() == w_res.keys()
     assert all(torch.equal(w_whole[k], w_res[k]) for k in w_whole), "resumed weights differ"
     assert m_whole == m_res
+
+
+
+def test_checkpoint_writes_stay_in_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save writes its temporary file beside the checkpoint, never in $TMPDIR (where a run killed mid-save
+    left a checkpoint-sized file forever), and a training run removes the partial files that a killed save
+    left in its checkpoint folder."""
+    temps: list[Path] = []
+    mkstemp = tempfile.mkstemp
+
+    def recording(*args: object, **kwargs: object) -> tuple[int, str]:
+        fd, name = mkstemp(*args, **kwargs)  # type: ignore[call-overload]
+        temps.append(Path(name))
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "mkstemp", recording)
+    monkeypatch.delenv("SEGROUTER_RUN_VERSION", raising=False)
+    fit = ["fit", "--recipe", TINY, f"output_dir={tmp_path}", "name=run", "checkpoint.every_n_train_steps=2"]
+    assert main([*fit, "trainer.max_steps=4"]) == 0
+    ckpts = tmp_path / "run" / "version_0" / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file()
+    assert [p for p in temps if not p.is_relative_to(tmp_path / "run")] == []
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+    (ckpts / "last.ckpt.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")  # what a SIGKILL mid-save leaves
+    assert main([*fit, "--resume", "trainer.max_steps=6"]) == 0
+    assert not list(ckpts.glob("*.tmp"))
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+
+def test_a_kill_during_the_validation_of_a_checkpointed_step_keeps_that_validation(tmp_path: Path) -> None:
+    """The step checkpoint of a step that validates is written after that validation: a run killed during it
+    resumes from the step before and validates again, so it keeps the validations and the best checkpoint of
+    the run not killed (written before, the checkpoint skipped that validation on resume for good)."""
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "killer.py").write_text(KILLER)
+    # one validation batch every 3 steps, two evaluation forwards each (the mask, then the name probe), and a
+    # step checkpoint at each of them
+    fit = ("trainer.val_check_interval=3", "checkpoint.every_n_train_steps=3", "trainer.limit_val_batches=1")
+    assert _fit(tmp_path, "whole", *fit).returncode == 0
+    killed = _fit(tmp_path, "resumed", *fit, kill_at_eval=3)  # inside the validation at step 6
+    assert killed.returncode == -signal.SIGKILL
+    ckpts = tmp_path / "resumed" / "version_0" / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 3  # after its validation
+    resumed = _fit(tmp_path, "resumed", "--resume", *fit)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    def validations(name: str) -> list[tuple[str, str]]:
+        return [(r["step"], r["val/ciou"]) for r in _rows(tmp_path / name / "version_0") if r.get("val/ciou")]
+
+    assert validations("resumed") == validations("whole")
+    assert "5" in [step for step, _ in validations("whole")]  # the validation at global step 6 (logged 0-based)
+    best = {name: sorted(p.name for p in (tmp_path / name / "version_0" / "checkpoints").glob("best-*.ckpt"))
+            for name in ("whole", "resumed")}
+    assert best["resumed"] == best["whole"]
 
 
 MARKER = """
@@ -358,3 +420,26 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path: Path) -> None
     # the seconds-long imports (torch, Lightning) run inside main(), under its handlers, not before it
     probe = "import sys, segrouter.cli; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout == "[]\n"
+
+
+def test_lightning_banner_is_logged_when_the_run_starts(tmp_path: Path) -> None:
+    """The lines Lightning logs while the Trainer is built (accelerators found, a tip) come when the run starts:
+    an error between building the trainer and the run is its one line, without them."""
+    from segrouter.build import build
+    from segrouter.recipe import load_recipe
+    from segrouter.training.trainer import build_trainer
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        cfg = load_recipe(TINY, [f"output_dir={tmp_path}"])
+        trainer = build_trainer(cfg, version=0)
+        assert not any("GPU available" in line for line in seen), seen
+        model, data = build(cfg)
+        trainer.validate(model, datamodule=data)
+        assert any(line.startswith("GPU available") for line in seen), seen
+        assert len([line for line in seen if line.startswith("GPU available")]) == 1
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)

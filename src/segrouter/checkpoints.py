@@ -42,6 +42,18 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state_dict_of(read_checkpoint(path))
 
 
+def is_sharded(ckpt: str | Path) -> bool:
+    """Whether ``ckpt`` is a DeepSpeed checkpoint folder (a folder with a ``latest`` file, as a DeepSpeed run
+    saves it), which only its strategy reads. Any other folder is refused here, in one line."""
+    path = Path(ckpt)
+    if not path.is_dir():
+        return False
+    if not (path / "latest").is_file():
+        raise SegrouterError(f"{ckpt} is a folder, neither a checkpoint file nor a DeepSpeed checkpoint folder "
+                             "(it has no 'latest' file)", fix="pass a .ckpt file")
+    return True
+
+
 def load_weights(model: torch.nn.Module, ckpt: str | Path, *, allow_missing: bool = False,
                  only: Sequence[str] = (), where: str | None = None,
                  fix: str = "pass the recipe (and overrides) the checkpoint was trained with") -> list[str]:
@@ -52,7 +64,7 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path, *, allow_missing: boo
     from a trained ``full`` model): they keep their initialisation, and their names are returned. ``where``
     and ``fix`` go into the error when the checkpoint does not fit. ``only`` names the model's top-level
     modules to load (e.g. ``vision``, ``llm``): the rest of the checkpoint and of the model is left alone."""
-    if Path(ckpt).is_dir():
+    if is_sharded(ckpt):
         raise SegrouterError(f"{ckpt} is a sharded DeepSpeed checkpoint", fix=f"run: segrouter consolidate --ckpt {ckpt} --out model.ckpt")
     state, missing = check_fits(model, load_state_dict(ckpt), ckpt, allow_missing=allow_missing, only=only,
                                 where=where, fix=fix)
@@ -93,7 +105,7 @@ def check_resumable(model: torch.nn.Module, ckpt: str | Path, recipe_name: str, 
     """Before ``fit --resume`` writes anything: the checkpoint is readable, was saved by a run of this recipe
     (its ``name``; ``other_recipe`` lifts this) and fits the model. DeepSpeed's sharded checkpoint folders are
     read by their strategy only, and not checked here."""
-    if Path(ckpt).is_dir():
+    if is_sharded(ckpt):
         return
     saved = read_checkpoint(ckpt)
     name = (saved.get("hyper_parameters") or {}).get("recipe", {}).get("name")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from segrouter.errors import SegrouterError
@@ -28,10 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segrouter.build import build
-    from segrouter.checkpoints import load_weights
+    from segrouter.checkpoints import is_sharded, load_weights
     from segrouter.recipe import load_recipe, recipe_yaml
     from segrouter.runs import check_output_dir, find_eval_checkpoint, next_version
-    from segrouter.training.trainer import build_trainer
+    from segrouter.training.trainer import build_trainer, compiled
 
     if args.control:
         args.overrides.append(f"metrics.control={args.control}")
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
     check_output_dir(cfg)  # evaluation logs into a new version folder
     model, data = build(cfg)
-    sharded = Path(ckpt).is_dir()  # DeepSpeed's checkpoint folder: only its strategy can read it
+    sharded = is_sharded(ckpt)  # DeepSpeed's checkpoint folder: only its strategy can read it
     if not sharded or training_free:  # a checkpoint of another recipe fails here, in one line, before any run folder
         fresh = load_weights(model, ckpt, allow_missing=True)
         if fresh and not training_free:
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"segrouter: training-free: {training_free_note(model, fresh, ckpt)}", file=sys.stderr)
     trainer = build_trainer(cfg, version=next_version(cfg))
     evaluate = trainer.validate if args.command == "validate" else trainer.test
-    evaluate(model, datamodule=data, ckpt_path=ckpt if sharded else None)
+    evaluate(compiled(model, cfg), datamodule=data, ckpt_path=ckpt if sharded else None)
     return 0
 
 

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from segrouter.checkpoints import check_resumable
     from segrouter.recipe import load_recipe, recipe_yaml
     from segrouter.runs import check_output_dir, find_resume, next_version
-    from segrouter.training.trainer import build_trainer
+    from segrouter.training.trainer import build_trainer, compiled
 
     cfg = load_recipe(args.recipe, args.overrides)
     if cfg.metrics.training_free:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if version is None:
         version = next_version(cfg)
     trainer = build_trainer(cfg, version=version)
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+    trainer.fit(compiled(model, cfg), datamodule=data, ckpt_path=ckpt)
     log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
     if trainer.is_global_zero:
         cb = trainer.checkpoint_callback

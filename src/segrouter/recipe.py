@@ -11,6 +11,7 @@ against its registered constructor (see :mod:`segrouter.registry`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import string
@@ -114,6 +115,20 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class CompileConfig:
+    """``torch.compile`` of the model before training or evaluation (when enabled): ``backend`` is any name
+    ``torch._dynamo.list_backends()`` gives (``inductor`` by default; ``eager`` traces without compiling, to check
+    that a model compiles), ``mode`` one of torch.compile's modes or null."""
+
+    enabled: bool = False
+    backend: str = "inductor"
+    mode: str | None = None
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
@@ -135,6 +150,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     lr_monitor: bool = False  # log the learning rate every logging step (Lightning's LearningRateMonitor)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
@@ -148,9 +164,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (when enabled; needs ``pip install wandb``). Offline by default: the run is written under
+    the run folder's ``wandb/`` and needs no network or account; ``wandb sync`` uploads it later."""
+
+    enabled: bool = False
+    project: str = "segrouter"
+    offline: bool = True
+
+
+@dataclass
 class LoggerConfig:
     csv: bool = True
     tensorboard: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 CONTROLS = ("shuffle", "zero")
@@ -619,9 +646,26 @@ def validate_components(cfg: DictConfig) -> None:
                           where="trainer.early_stopping.monitor", fix=f"use one of: {', '.join(monitorable())}")
     if stop.mode not in ("min", "max"):
         raise RecipeError(f"mode must be min or max, got '{stop.mode}'", where="trainer.early_stopping.mode")
-    if cfg.trainer.lr_monitor and not (cfg.logger.csv or cfg.logger.tensorboard):
+    if cfg.trainer.lr_monitor and not (cfg.logger.csv or cfg.logger.tensorboard or cfg.logger.wandb.enabled):
         raise RecipeError("the learning rate has no logger to go to", where="trainer.lr_monitor",
                           fix="set logger.csv=true (or logger.tensorboard=true), or trainer.lr_monitor=false")
+    if cfg.logger.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        raise RecipeError("the wandb package is not installed", where="logger.wandb.enabled",
+                          fix="pip install wandb (or pip install -e '.[wandb]'), or set logger.wandb.enabled=false")
+    _check_compile(cfg.trainer.compile)
+
+
+def _check_compile(c: DictConfig) -> None:
+    if c.mode is not None and c.mode not in COMPILE_MODES:
+        raise RecipeError(f"unknown torch.compile mode '{c.mode}'{did_you_mean(c.mode, COMPILE_MODES)}",
+                          where="trainer.compile.mode", fix=f"use one of: {', '.join(COMPILE_MODES)} (or null)")
+    if c.enabled:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if c.backend not in backends:
+            raise RecipeError(f"unknown torch.compile backend '{c.backend}'{did_you_mean(c.backend, backends)}",
+                              where="trainer.compile.backend", fix=f"use one of: {', '.join(backends)}")
 
 
 def component(cfg: DictConfig, key: str) -> dict[str, Any]:

@@ -1,12 +1,16 @@
-"""A Lightning ``Trainer`` configured from the recipe: strategy, precision, checkpoints, loggers, and the
-callbacks a recipe may switch on (learning-rate monitor, early stopping)."""
+"""A Lightning ``Trainer`` configured from the recipe: strategy, precision, checkpoints, loggers (CSV,
+TensorBoard, offline W&B), the callbacks a recipe may switch on (learning-rate monitor, early stopping), and
+``torch.compile`` of the model (:func:`compiled`)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import os
 import signal
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from lightning.pytorch.callbacks.model_summary import log as summary_log
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 from omegaconf import DictConfig
 
@@ -33,6 +38,7 @@ from segrouter.interrupts import Deferred, Interrupted
 from segrouter.recipe import save_recipe
 
 DEEPSPEED_STAGES = {"deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
+PARTIAL = ".tmp"  # suffix of a checkpoint being written (save_atomically)
 
 
 def check_weights_finite(trainer: L.Trainer) -> None:
@@ -49,22 +55,45 @@ def check_weights_finite(trainer: L.Trainer) -> None:
 
 
 def save_atomically(trainer: L.Trainer, filepath: str, weights_only: bool = False) -> None:
-    """Write to a temporary file and rename it into place, so a run killed mid-save never leaves a truncated
-    checkpoint behind (DeepSpeed's sharded checkpoint directories are written as they are). Non-finite
-    weights are never written (:func:`check_weights_finite`)."""
+    """Write to a temporary file beside the checkpoint and rename it into place, so a run killed mid-save never
+    leaves a truncated checkpoint behind, and what it leaves is in the run's checkpoint folder (removed when a
+    run writes there again: :class:`AtomicModelCheckpoint`), never in ``$TMPDIR``. DeepSpeed's sharded
+    checkpoint directories are written as they are. Non-finite weights are never written
+    (:func:`check_weights_finite`)."""
     check_weights_finite(trainer)
     if isinstance(trainer.strategy, L.pytorch.strategies.DeepSpeedStrategy):
         trainer.save_checkpoint(filepath, weights_only)
         return
-    tmp = f"{filepath}.tmp"
+    tmp = f"{filepath}{PARTIAL}"
     trainer.save_checkpoint(tmp, weights_only)
     if trainer.is_global_zero:
         os.replace(tmp, filepath)
     trainer.strategy.barrier("atomic_checkpoint")
 
 
+class DirectCheckpointIO(TorchCheckpointIO):
+    """Writes a local checkpoint straight to the path it is given (:func:`save_atomically` gives a temporary
+    name beside the final one). Lightning's own atomic write goes through an fsspec transaction whose
+    temporary file lies in ``$TMPDIR``: a run killed during the write left it there, as large as the
+    checkpoint, forever. Remote paths keep Lightning's write."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, path)
+
+
 class AtomicModelCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose every save goes through :func:`save_atomically`."""
+    """``ModelCheckpoint`` whose every save goes through :func:`save_atomically`; a training run removes the
+    partial files that a killed save left in its checkpoint folder."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
+            for partial in Path(self.dirpath).glob(f"*.ckpt{PARTIAL}"):
+                partial.unlink()
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         save_atomically(trainer, filepath, self.save_weights_only)
@@ -74,21 +103,45 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             logger.after_save_checkpoint(self)
 
 
-class StepCheckpoint(Callback):
+class StepCheckpoint(Checkpoint):
     """Writes ``last.ckpt`` every ``every_n`` optimiser steps and at the final step, atomically: the resume
-    points of a run killed mid-epoch (``ModelCheckpoint`` writes ``last.ckpt`` only beside a top-k save)."""
+    points of a run killed mid-epoch (``ModelCheckpoint`` writes ``last.ckpt`` only beside a top-k save).
+
+    At a step that validates, it writes after that validation (after ``ModelCheckpoint``, which runs first:
+    both are ``Checkpoint`` callbacks, which Lightning calls last, in order). Written before, the checkpoint
+    missed the validation's result, and a resume from it skipped that validation for good: a run killed during
+    it could keep a worse best checkpoint than the run not killed."""
 
     def __init__(self, dirpath: Path, every_n: int) -> None:
         self.path = dirpath / "last.ckpt"
         self.every_n = every_n
         self._saved_step = -1
+        self._after_validation = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step  # unchanged across the batches of one accumulation window
         if step != self._saved_step and (step % self.every_n == 0 or step == trainer.max_steps):
             self._saved_step = step
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            save_atomically(trainer, str(self.path))
+            if validates_after_this_batch(trainer):
+                self._after_validation = True
+            else:
+                self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._after_validation and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._after_validation = False
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomically(trainer, str(self.path))
+
+
+def validates_after_this_batch(trainer: L.Trainer) -> bool:
+    """Whether the fit loop validates once the current training batch is done: the decision its epoch loop
+    takes right after ``on_train_batch_end`` (Lightning has no public hook between the two)."""
+    loop = trainer.fit_loop.epoch_loop
+    return loop._should_check_val_fx(trainer.fit_loop._data_fetcher) and not loop._skip_next_val
 
 
 class StopOnSignal(Checkpoint):
@@ -186,6 +239,33 @@ class ParameterSummary(ModelSummary):
         summary_log.info("\n" + table + "\nLLM FLOPs per sample: counted on validation batches, logged as val/llm_flops")
 
 
+class HeldBanner(Callback):
+    """Lightning logs the accelerators it found (and a tip) while the ``Trainer`` is built; this callback holds
+    those lines and logs them when the run starts (``setup``), so that an error before the run is its one line,
+    not the banner and then the line."""
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        self._held: list[logging.LogRecord] = []
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        self._log.addFilter(self._hold)
+        try:
+            yield
+        finally:
+            self._log.removeFilter(self._hold)
+
+    def _hold(self, record: logging.LogRecord) -> bool:
+        self._held.append(record)
+        return False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        held, self._held = self._held, []
+        for record in held:
+            self._log.handle(record)
+
+
 def build_strategy(cfg: DictConfig) -> Any:
     t = cfg.trainer
     if t.strategy in DEEPSPEED_STAGES:
@@ -206,13 +286,32 @@ def build_loggers(cfg: DictConfig, version: int | str | None) -> list[Logger]:
         loggers.append(ResumableCSVLogger(save_dir=cfg.output_dir, name=cfg.name, version=version))
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=cfg.output_dir, name=cfg.name, version=version))
+    if cfg.logger.wandb.enabled:  # the package is checked with the recipe (segrouter.recipe)
+        from lightning.pytorch.loggers import WandbLogger
+
+        w = cfg.logger.wandb
+        folder = f"version_{version}" if isinstance(version, int) else str(version)
+        run_dir = Path(cfg.output_dir) / cfg.name / folder
+        run_dir.mkdir(parents=True, exist_ok=True)  # wandb writes under it: <run folder>/wandb/
+        loggers.append(WandbLogger(project=w.project, name=f"{cfg.name}/{run_dir.name}", save_dir=str(run_dir),
+                                   offline=w.offline))
     return loggers
+
+
+def compiled(model: L.LightningModule, cfg: DictConfig) -> L.LightningModule:
+    """``model`` under ``torch.compile`` when ``trainer.compile.enabled`` (Lightning takes the compiled module:
+    it trains and checkpoints the original's weights, with the compiled forward)."""
+    c = cfg.trainer.compile
+    if not c.enabled:
+        return model
+    return torch.compile(model, backend=c.backend, mode=c.mode)  # type: ignore[return-value]
 
 
 def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callbacks: list[Callback] | None = None) -> L.Trainer:
     t = cfg.trainer
     loggers = build_loggers(cfg, version)
-    run_dir = Path(loggers[0].log_dir) if loggers else Path(cfg.output_dir) / cfg.name
+    files = [lg for lg in loggers if isinstance(lg, (CSVLogger, TensorBoardLogger))]
+    run_dir = Path(files[0].log_dir) if files else Path(cfg.output_dir) / cfg.name
     c = cfg.checkpoint
     callbacks: list[Callback] = [
         AtomicModelCheckpoint(
@@ -253,11 +352,15 @@ def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callb
     kwargs["check_val_every_n_epoch"] = t.check_val_every_n_epoch  # None is meaningful: validate by global step
     if t.strategy in DEEPSPEED_STAGES:
         kwargs.pop("gradient_clip_val", None)  # DeepSpeed clips through its own config
-    return L.Trainer(
-        strategy=build_strategy(cfg),
-        logger=loggers or False,
-        callbacks=callbacks,
-        enable_model_summary=False,  # Lightning's default summary; ParameterSummary is in the callbacks
-        default_root_dir=str(run_dir),
-        **kwargs,
-    )
+    else:
+        kwargs["plugins"] = [DirectCheckpointIO()]
+    banner = HeldBanner()
+    with banner.holding():
+        return L.Trainer(
+            strategy=build_strategy(cfg),
+            logger=loggers or False,
+            callbacks=[*callbacks, banner],
+            enable_model_summary=False,  # Lightning's default summary; ParameterSummary is in the callbacks
+            default_root_dir=str(run_dir),
+            **kwargs,
+        )
