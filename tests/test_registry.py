@@ -192,3 +192,24 @@ def test_load_plugins_twice_loads_each_plugin_once(tmp_path: Path, monkeypatch: 
     load_plugins([plugins])  # no "registered twice": nothing is imported or called again
     assert sys.modules[module].CALLS == ["entry point", "file"]
     assert "plugged_once" in registry("routing").names()
+
+
+def test_a_second_checkout_with_the_same_plugins_is_not_a_conflict(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Working in another clone of the repository while segrouter is installed from this one: its plugins/
+    (loaded from the working directory) holds copies of ours. Identical copies are one plugin; a copy that
+    differs is refused in one line that says how to pick one checkout."""
+    ours = Path(__file__).resolve().parents[1] / "plugins" / "fastv.py"
+    clone = tmp_path / "clone"
+    (clone / "plugins").mkdir(parents=True)
+    (clone / "plugins" / "fastv.py").write_bytes(ours.read_bytes())
+    monkeypatch.chdir(clone)
+    load_plugins()
+    assert registry("routing").get("fastv").source == f"plugin {ours}"  # the installed checkout's copy, first
+
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / "fastv.py").write_text(ours.read_text() + "\n# edited in the other clone\n")
+    with pytest.raises(SegrouterError, match="registered twice") as err:
+        load_plugins([edited])
+    assert "run from the checkout segrouter is installed from" in str(err.value)

@@ -106,9 +106,12 @@ class Registry:
         def deco(factory: Any) -> Any:
             old = self._entries.get(name)
             if old is not None and old.factory is not factory and _qualname(old.factory) != _qualname(factory):
+                if _same_plugin_file(old.factory, factory):  # one plugin, two copies (a second checkout's plugins/)
+                    return factory
                 raise SegrouterError(
                     f"{self.kind} '{name}' is registered twice ({old.source} and {_source_of(factory)})",
-                    fix="rename one of them",
+                    fix="rename one of them (two checkouts' plugins/ folders with different copies of one plugin: run "
+                        "from the checkout segrouter is installed from, or pip install -e . in this one)",
                 )
             self._entries[name] = Entry(self.kind, name, factory, _source_of(factory))
             return factory
@@ -363,6 +366,20 @@ def _safe_type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
 
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _plugin_file(obj: Any) -> Path | None:
+    """The file of the plugin that defines ``obj``; None for built-ins and installed packages."""
+    module = sys.modules.get(getattr(obj, "__module__", ""), None)
+    file = getattr(module, "__file__", None)
+    return Path(file) if file and module.__name__.startswith(PLUGIN_MODULE_PREFIX + ".") else None
+
+
+def _same_plugin_file(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` come from two plugin files with the same content: one plugin in two ``plugins/``
+    folders (the installed checkout's and the working directory's, when that is another clone)."""
+    fa, fb = _plugin_file(a), _plugin_file(b)
+    return fa is not None and fb is not None and fa.read_bytes() == fb.read_bytes()
 
 
 def _source_of(obj: Any) -> str:
