@@ -236,7 +236,7 @@ def _schema_wrong(hint: Any) -> st.SearchStrategy[Any] | None:
     """Values of the wrong type for a schema field (omegaconf converts '3' to 3 and 1 to True, so avoid those)."""
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")) and len(args) == 1:
+    if origin in (typing.Union, __import__("types").UnionType) and len(args) == 1:
         hint = args[0]
     if hint in (int, float):
         return _WORD | _LIST | _DICT

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RECIPES, build_model, tiny_cfg
 
 from segrouter.bench import disturbance, format_table, lisa_sequence, round_spread, run_bench
 from segrouter.errors import RecipeError, SegrouterError
@@ -16,8 +17,6 @@ from segrouter.flops import count_flops
 from segrouter.registry import registry
 from segrouter.routing.base import Kind
 from segrouter.text import build_tokenizer
-
-from conftest import RECIPES, build_model, tiny_cfg
 
 
 def _llm(layers: int = 4, d: int = 64) -> torch.nn.Module:
@@ -62,7 +61,7 @@ def test_flops_drop_as_configured() -> None:
         ratios = {}
         for ratio in (1.0, 0.25, 0.0625):
             s = _strategy(llm, insert_layer=2, route_start=1, proxy_ratio=ratio)
-            _, f = count_flops(lambda: s(llm, seq))
+            _, f = count_flops(lambda s=s: s(llm, seq))
             ratios[ratio] = f / f_full
             ffn = s.stats.as_lists()["ffn_tokens"]
             n_proxies = max(1, round(64 * ratio))

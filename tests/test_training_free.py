@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import RECIPES, build_model, tiny_cfg
 
 from segrouter.cli import main
 from segrouter.compare import compare
-from conftest import RECIPES, build_model, tiny_cfg
 
 TINY = str(RECIPES / "tiny.yaml")
 

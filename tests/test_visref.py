@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RECIPES, build_model, tiny_cfg
 
 from segrouter.cli import main
 from segrouter.compressors.base import VisualTokens
@@ -17,7 +18,6 @@ from segrouter.model.module import visual_control
 from segrouter.model.sequence import build_sequence
 from segrouter.routing.base import Kind
 from segrouter.vision_encoders.conv_stem import ConvStem
-from conftest import RECIPES, build_model, tiny_cfg
 
 TINY = str(RECIPES / "tiny.yaml")
 VISREF = [
@@ -135,8 +135,8 @@ def test_nothing_after_the_mask_token_changes_it(tmp_path: Path, routing: str) -
             hidden = model.routing(model.llm, seq)
             prefixes.append([hidden[i, : int(mask_pos[i, 0]) + 1] for i in range(len(samples))])
             masks.append(model(batch)["masks"])
-    for prefix, mask in zip(prefixes[1:], masks[1:]):
-        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(prefixes[0], prefix))
+    for prefix, mask in zip(prefixes[1:], masks[1:], strict=True):
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(prefixes[0], prefix, strict=True))
         assert torch.allclose(masks[0], mask, atol=1e-5)
 
 

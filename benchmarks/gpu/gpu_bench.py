@@ -221,7 +221,7 @@ def compare(m: dict[str, Measured], memory: dict[str, Any], reference: str) -> d
     ref = m[reference]
     rows = {}
     for name, r in m.items():
-        per_round = [a / b for a, b in zip(ref.times, r.times)]
+        per_round = [a / b for a, b in zip(ref.times, r.times, strict=True)]
         flops_ratio = r.flops / ref.flops
         speedup = ref.median / r.median
         rows[name] = {

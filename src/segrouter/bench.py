@@ -236,7 +236,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     a, b = m["A"], m["B"]
     flops_ratio = a.flops / b.flops
     speedup = b.median / a.median
-    spread = round_spread([tb / ta for ta, tb in zip(a.times, b.times)])
+    spread = round_spread([tb / ta for ta, tb in zip(a.times, b.times, strict=True)])
     warnings = disturbance(spread, (load_before, load_after), torch.get_num_threads(), device)
     result = {
         "A": {"recipe": str(args.recipe), "name": names["A"], "flops": a.flops, "median_s": a.median, "times_s": a.times,

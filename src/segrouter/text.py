@@ -72,7 +72,7 @@ def encode_example(
     if target is not None and "{target}" in answer and tok.is_fast:
         start = len(answer[: answer.index("{target}")].format(mask_tokens=mask_str))
         spans = tok(reply_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        names = [t if s < start + len(target) and e > start else -100 for t, (s, e) in zip(reply, spans)]
+        names = [t if s < start + len(target) and e > start else -100 for t, (s, e) in zip(reply, spans, strict=True)]
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     ids = bos + prefix + reply + eos
