@@ -151,7 +151,8 @@ def main() -> None:
         )
     else:
         gen = SLICGenerator(n_segments=args.n_segments, compactness=args.compactness,
-                            colour_threshold=args.colour_threshold, min_area=args.min_area, max_regions=args.max_regions)
+                            colour_threshold=args.colour_threshold, min_area=args.min_area,
+                            max_regions=args.max_regions)
     print(f"generator settings: {gen.settings()}")  # type: ignore[attr-defined]
     print("| images | n | patch tokens | median tokens | mean | max | median/patches | max/patches "
           "| oracle IoU | patch-grid oracle IoU | ms/image |")

@@ -190,7 +190,8 @@ def render(summaries: Sequence[RunSummary], fmt: Format = "table") -> str:
     widths = [max(len(r[i]) for r in [headers, *cells]) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if k in _TEXT_KEYS else c.rjust(w) for c, w, (_, k) in zip(row, widths, _COLUMNS, strict=True)).rstrip()
+        return "  ".join(c.ljust(w) if k in _TEXT_KEYS else c.rjust(w)
+                         for c, w, (_, k) in zip(row, widths, _COLUMNS, strict=True)).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)]) + "\n"
 
@@ -252,7 +253,8 @@ def compare(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's version folder, or a recipe folder (newest version)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="a run's version folder, or a recipe folder (newest version)")
     p.add_argument("--metric", default="val/ciou", help="picks each run's best step (max; min for a loss)")
     p.add_argument("--plot", metavar="PNG", help="write a Pareto plot (cIoU vs LLM FLOPs)")
     p.add_argument("--format", choices=FORMATS, default="table")

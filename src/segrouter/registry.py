@@ -157,7 +157,8 @@ class Registry:
                 )
             if not type_matches(value, params[key].annotation):
                 raise RecipeError(
-                    f"wrong type: got {value!r} ({type(value).__name__}), expected {_type_name(params[key].annotation)}",
+                    f"wrong type: got {value!r} ({type(value).__name__}), "
+                    f"expected {_type_name(params[key].annotation)}",
                     where=f"{where}.{key}",
                     fix=f"set {where}.{key} to a {_type_name(params[key].annotation)}",
                 )
@@ -203,7 +204,8 @@ def register(kind: str, name: str) -> Callable[[Any], Any]:
 
 def _registry_of(kind: str) -> Registry:
     if kind not in REGISTRIES:
-        raise SegrouterError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}", fix=f"kinds: {', '.join(KINDS)}")
+        raise SegrouterError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}",
+                             fix=f"kinds: {', '.join(KINDS)}")
     return REGISTRIES[kind]
 
 

@@ -27,7 +27,8 @@ def build_tokenizer(path: str | None, vocabulary: list[str], num_mask_tokens: in
     specials = [IMAGE_TOKEN, *mask_token_names(num_mask_tokens)]
     if path:
         if not Path(path).is_dir():
-            raise SegrouterError(f"tokenizer/LLM directory not found: {path}", fix="set model.llm.path to a local HF directory")
+            raise SegrouterError(f"tokenizer/LLM directory not found: {path}",
+                                 fix="set model.llm.path to a local HF directory")
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token

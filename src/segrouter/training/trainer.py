@@ -183,7 +183,8 @@ class ParameterSummary(ModelSummary):
         table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
                                       total_flops, *columns)
         table = table.rsplit("\n", 1)[0]  # the "Total Flops" line
-        summary_log.info("\n" + table + "\nLLM FLOPs per sample: counted on validation batches, logged as val/llm_flops")
+        summary_log.info("\n" + table + "\nLLM FLOPs per sample: counted on validation batches, "
+                         "logged as val/llm_flops")
 
 
 def build_strategy(cfg: DictConfig) -> Any:
@@ -209,7 +210,8 @@ def build_loggers(cfg: DictConfig, version: int | str | None) -> list[Logger]:
     return loggers
 
 
-def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callbacks: list[Callback] | None = None) -> L.Trainer:
+def build_trainer(cfg: DictConfig, version: int | str | None = None,
+                  extra_callbacks: list[Callback] | None = None) -> L.Trainer:
     t = cfg.trainer
     loggers = build_loggers(cfg, version)
     run_dir = Path(loggers[0].log_dir) if loggers else Path(cfg.output_dir) / cfg.name
