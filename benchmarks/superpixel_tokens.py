@@ -114,7 +114,7 @@ def report(name: str, samples: list[Sample], patch: int, partition: Callable[[np
     ms = 1000 * (time.perf_counter() - t0) / len(samples)
     counts = np.array([int(lab.max()) + 1 for lab in labels])
     patches = (samples[0][0].shape[0] // patch) * (samples[0][0].shape[1] // patch)
-    ious = [oracle_iou(lab, masks) for lab, (_, masks) in zip(labels, samples) if masks]
+    ious = [oracle_iou(lab, masks) for lab, (_, masks) in zip(labels, samples, strict=True) if masks]
     grid_ious = [oracle_iou(patch_grid(img.shape[:2], patch), masks) for img, masks in samples if masks]
     iou = f"{np.mean(ious):.3f}" if ious else "n/a"
     grid_iou = f"{np.mean(grid_ious):.3f}" if grid_ious else "n/a"
@@ -123,7 +123,7 @@ def report(name: str, samples: list[Sample], patch: int, partition: Callable[[np
         f"| {np.median(counts) / patches:.1%} | {counts.max() / patches:.1%} | {iou} | {grid_iou} | {ms:.0f} |"
     )
     if name == "skimage224":
-        print("|  | per image: " + ", ".join(f"{n} {c}" for n, c in zip(SKIMAGE_NAMES, counts)) + " |")
+        print("|  | per image: " + ", ".join(f"{n} {c}" for n, c in zip(SKIMAGE_NAMES, counts, strict=True)) + " |")
 
 
 def main() -> None:
@@ -151,7 +151,8 @@ def main() -> None:
         )
     else:
         gen = SLICGenerator(n_segments=args.n_segments, compactness=args.compactness,
-                            colour_threshold=args.colour_threshold, min_area=args.min_area, max_regions=args.max_regions)
+                            colour_threshold=args.colour_threshold, min_area=args.min_area,
+                            max_regions=args.max_regions)
     print(f"generator settings: {gen.settings()}")  # type: ignore[attr-defined]
     print("| images | n | patch tokens | median tokens | mean | max | median/patches | max/patches "
           "| oracle IoU | patch-grid oracle IoU | ms/image |")

@@ -31,7 +31,7 @@ def test_training_batches_name_the_target_and_evaluation_batches_do_not(tmp_path
     colour, shape = sample["target"].split()
     assert words[-4:] == ["[SEG]", colour, shape, "[EOS]"]
     assert labelled[-3:] == [colour, shape, "[EOS]"]  # the LM loss is asked to name the target
-    for ids, mask in zip(val["input_ids"], val["text_mask"]):
+    for ids, mask in zip(val["input_ids"], val["text_mask"], strict=True):
         assert tok.convert_ids_to_tokens(ids[mask].tolist())[-2:] == ["[SEG]", "[EOS]"]
 
 

@@ -119,7 +119,8 @@ def _typos(word: str) -> list[str]:
     dropped = word[:-1] if len(word) > 3 else word[0] + word
     if len(word) > 4:
         i = len(word) // 2
-        dropped = word[:i] + word[i + 1] + word[i] + word[i + 2 :] if word[i] != word[i + 1] else word[:i] + word[i + 1 :]
+        dropped = (word[:i] + word[i + 1] + word[i] + word[i + 2 :] if word[i] != word[i + 1]
+                   else word[:i] + word[i + 1 :])
     return [t for t in dict.fromkeys([doubled, dropped]) if t != word]
 
 
@@ -236,7 +237,7 @@ def _schema_wrong(hint: Any) -> st.SearchStrategy[Any] | None:
     """Values of the wrong type for a schema field (omegaconf converts '3' to 3 and 1 to True, so avoid those)."""
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")) and len(args) == 1:
+    if origin in (typing.Union, __import__("types").UnionType) and len(args) == 1:
         hint = args[0]
     if hint in (int, float):
         return _WORD | _LIST | _DICT
@@ -246,7 +247,8 @@ def _schema_wrong(hint: Any) -> st.SearchStrategy[Any] | None:
         return _LIST | _DICT
     if typing.get_origin(hint) is list:
         inner = typing.get_args(hint)[0]
-        return _DICT | (st.lists(_DICT, min_size=1, max_size=2) if inner is str else st.lists(_WORD, min_size=1, max_size=2))
+        return _DICT | (st.lists(_DICT, min_size=1, max_size=2) if inner is str
+                        else st.lists(_WORD, min_size=1, max_size=2))
     if dataclasses.is_dataclass(hint):
         return _WORD | st.integers(0, 9) | _LIST
     if hint is dict[str, Any] or typing.get_origin(hint) is dict:
@@ -444,12 +446,14 @@ def test_bad_override(overrides: list[str], fragment: str | None, run_root: Path
 def test_cli_checkpoints_and_resume(run_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = f"output_dir={run_root}"
     empty = f"output_dir={tmp_path / 'empty'}"
-    _check(["validate", "--recipe", TINY, out, "--ckpt", str(tmp_path / "missing.ckpt")], capsys, "checkpoint not found")
+    _check(["validate", "--recipe", TINY, out, "--ckpt", str(tmp_path / "missing.ckpt")], capsys,
+           "checkpoint not found")
     _check(["test", "--recipe", TINY, out, "--ckpt", "missing.ckpt"], capsys, "checkpoint not found")
     _check(["validate", "--recipe", TINY, empty], capsys, "no checkpoint found for recipe 'tiny'")
     _check(["test", "--recipe", TINY, empty], capsys, "no checkpoint found for recipe 'tiny'")
     _check(["fit", "--recipe", TINY, empty, "--resume"], capsys, "no last.ckpt to resume")
-    _check(["fit", "--recipe", TINY, out, "--resume", "--ckpt", str(tmp_path / "nope.ckpt")], capsys, "checkpoint not found")
+    _check(["fit", "--recipe", TINY, out, "--resume", "--ckpt", str(tmp_path / "nope.ckpt")], capsys,
+           "checkpoint not found")
     last = run_root / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     _check(["fit", "--recipe", TINY, out, "--ckpt", str(last)], capsys, "--ckpt on fit needs --resume")
 

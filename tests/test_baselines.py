@@ -46,7 +46,8 @@ def _routing(node: dict[str, Any], llm: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def quickstart_llm() -> torch.nn.Module:
-    return _llm({k: v for k, v in component(load_recipe(RECIPES / "quickstart.yaml"), "model.llm").items() if k != "name"})
+    return _llm({k: v for k, v in component(load_recipe(RECIPES / "quickstart.yaml"), "model.llm").items()
+                 if k != "name"})
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,8 @@ def test_flops_drop_as_configured(quickstart_llm: torch.nn.Module, node: dict[st
         _, full_flops = count_flops(lambda: full(llm, seq))
         out, flops = count_flops(lambda: strategy(llm, seq))
         # one layer's cost at each token count, measured with the same counter on a plain sequence
-        per_layer = {n: count_flops(lambda n=n: full(llm, _seq(d, [n - T, n - T])))[1] / len(llm.layers) for n in set(tokens)}
+        per_layer = {n: count_flops(lambda n=n: full(llm, _seq(d, [n - T, n - T])))[1] / len(llm.layers)
+                     for n in set(tokens)}
     assert out.shape == seq.embeds.shape
     assert strategy.stats.as_lists()["attn_tokens"] == [float(n) for n in tokens]
     expected = sum(per_layer[n] for n in tokens) / full_flops
@@ -115,7 +117,8 @@ def test_received_attention_matches_eager_weights(gqa_llm: torch.nn.Module) -> N
     layer, pos, valid = gqa_llm.layers[0], seq.positions, seq.valid
     pe = gqa_llm.rotary(seq.embeds, pos)
     with torch.no_grad():
-        _, weights = layer.self_attn(layer.input_layernorm(seq.embeds), pe, attention_bias(pos, valid, pos, valid, torch.float32))
+        _, weights = layer.self_attn(layer.input_layernorm(seq.embeds), pe,
+                                     attention_bias(pos, valid, pos, valid, torch.float32))
         ours = received_attention(layer, seq.embeds, pe, pos, valid, valid)
         last = received_attention(layer, seq.embeds, pe, pos, valid, last_instruction_token(seq.kinds))
     per_query = weights.mean(dim=1) * valid[:, :, None]
@@ -196,7 +199,8 @@ def test_mod_router_gets_gradient_and_starts_as_unit_gate(gqa_llm: torch.nn.Modu
         ("compressor", {"name": "resampler", "num_heads": 5}, "not divisible by num_heads=5"),
     ],
 )
-def test_bad_parameters_fail_with_one_line(gqa_llm: torch.nn.Module, kind: str, node: dict[str, Any], fragment: str) -> None:
+def test_bad_parameters_fail_with_one_line(gqa_llm: torch.nn.Module, kind: str, node: dict[str, Any],
+                                           fragment: str) -> None:
     with pytest.raises(RecipeError) as err:
         if kind == "routing":
             registry(kind).build(node, where="model.routing").setup(gqa_llm)

@@ -108,7 +108,8 @@ def test_print_recipe_prints_the_resolved_recipe_and_builds_nothing(
     assert main(["fit", "--recipe", TINY, "--print-recipe", f"output_dir={tmp_path}", "trainer.max_steps=7"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["name"] == "tiny" and printed["trainer"]["max_steps"] == 7  # the override
-    assert printed["model"]["image_size"] == 32 and printed["optim"]["scheduler"] == "cosine"  # tiny, its base, defaults
+    assert (printed["model"]["image_size"] == 32
+            and printed["optim"]["scheduler"] == "cosine")  # tiny, its base, defaults
     # an evaluation needs no checkpoint to print its recipe, and shows what its flags set
     assert main(["test", "--recipe", TINY, "--print-recipe", "--control", "zero", f"output_dir={tmp_path}"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["metrics"]["control"] == "zero"
@@ -121,8 +122,8 @@ def test_print_recipe_prints_the_resolved_recipe_and_builds_nothing(
 def test_lr_monitor_and_early_stopping_from_the_recipe(tmp_path: Path) -> None:
     # a min_delta no change can beat: the first validation sets the best, the second does not improve on it → stop
     stop = ["enabled=true", "monitor=val/loss", "mode=min", "patience=1", "min_delta=1000"]
-    assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}", "trainer.max_steps=6", "trainer.val_check_interval=1",
-                 "trainer.limit_val_batches=1", "trainer.lr_monitor=true",
+    assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}", "trainer.max_steps=6",
+                 "trainer.val_check_interval=1", "trainer.limit_val_batches=1", "trainer.lr_monitor=true",
                  *(f"trainer.early_stopping.{s}" for s in stop)]) == 0
     rows = _metrics(tmp_path / "tiny" / "version_0")
     assert [int(r["step"]) for r in rows if r.get("lr-AdamW")] == [0, 1]  # LearningRateMonitor: each step's rate
@@ -183,7 +184,8 @@ def test_model_summary_prints_no_flops_it_did_not_count(tmp_path: Path, monkeypa
         (["fit", "--recipe", TINY, "trainer.max_stepz=3"], "did you mean 'max_steps'"),
         (["fit", "--recipe", TINY, "model.llm.num_heads=3"], "hidden_size 32 is not divisible by num_heads 3"),
         (["fit", "--recipe", TINY, "data.dataset.image_size=48"], "differs from model.image_size"),
-        (["fit", "--recipe", TINY, "trainer.strategy=deepspeed_stage_9"], "trainer.strategy: unknown value 'deepspeed_stage_9'"),
+        (["fit", "--recipe", TINY, "trainer.strategy=deepspeed_stage_9"],
+         "trainer.strategy: unknown value 'deepspeed_stage_9'"),
         (["validate", "--recipe", TINY, "output_dir=/nonexistent/runs"], "no checkpoint found for recipe 'tiny'"),
         (["test", "--recipe", TINY, "--ckpt", "missing.ckpt"], "checkpoint not found: missing.ckpt"),
         (["fit", "--recipe", TINY, "--plugins", "/no/such/dir"], "plugin folder /no/such/dir does not exist"),

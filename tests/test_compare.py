@@ -56,7 +56,8 @@ def runs(tmp_path: Path) -> dict[str, Path]:
         _val(199, 0.40, 1.5e9, tokens=64.0), _val(399, 0.52, 1.6e9, tokens=64.0),
     ])
     no_metrics = _write_run(tmp_path / "runs" / "crashed" / "version_0", "crashed")
-    no_ciou = _write_run(tmp_path / "runs" / "early" / "version_0", "early", rows=[{"epoch": 0, "step": 0, "train/loss": 3.0}])
+    no_ciou = _write_run(tmp_path / "runs" / "early" / "version_0", "early",
+                         rows=[{"epoch": 0, "step": 0, "train/loss": 3.0}])
     return {"full": full, "fastv": fastv, "no_metrics": no_metrics, "no_ciou": no_ciou, "missing": tmp_path / "nope"}
 
 
@@ -69,7 +70,8 @@ def test_numbers_ratios_and_best_step(runs: dict[str, Path]) -> None:
     full, fastv = rows
     assert full["run"] == "full/version_1" and full["recipe"] == "full"  # a recipe folder → its newest version
     assert (full["compressor"], full["routing"], fastv["routing"]) == ("mlp", "full", "fastv")
-    assert full["best step"] == "399" and float(full["val cIoU"]) == 0.60 and float(full["val gIoU"]) == pytest.approx(0.55)
+    assert (full["best step"] == "399" and float(full["val cIoU"]) == 0.60
+            and float(full["val gIoU"]) == pytest.approx(0.55))
     assert float(full["latency ms"]) == 12.0  # efficiency numbers from the best validation
     assert float(full["test cIoU"]) == 0.58 and float(full["test gIoU"]) == 0.52
     assert float(full["FLOPs ratio"]) == 1.0 and float(fastv["FLOPs ratio"]) == pytest.approx(0.8)
@@ -100,8 +102,8 @@ def test_partial_and_missing_runs_are_shown_not_fatal(runs: dict[str, Path]) -> 
 def test_markdown_and_table_formats(runs: dict[str, Path]) -> None:
     md = compare([runs["full"], runs["fastv"]], fmt="markdown").splitlines()
     assert len(md) == 4 and all(line.startswith("| ") and line.endswith(" |") for line in md)
-    assert md[0].startswith("| run | recipe | compressor | routing | control | training-free | visual tokens | LLM FLOPs "
-                            "| FLOPs ratio")
+    assert md[0].startswith("| run | recipe | compressor | routing | control | training-free | visual tokens "
+                            "| LLM FLOPs | FLOPs ratio")
     assert "---:" in md[1] and "| 2G |" in md[2] and "| 0.800 |" in md[3] and "| 0.6000 |" in md[2]
     table = compare([runs["full"], runs["fastv"]]).splitlines()
     assert table[0].startswith("run") and set(table[1]) <= {"-", " "} and "1.6G" in table[3]
@@ -127,7 +129,8 @@ def test_plot_is_written(runs: dict[str, Path], tmp_path: Path) -> None:
 
 def test_compare_command_writes_file(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp" / "table.csv"
-    args = build_parser().parse_args(["compare", str(runs["full"]), str(runs["fastv"]), "--format", "csv", "--out", str(out)])
+    args = build_parser().parse_args(["compare", str(runs["full"]), str(runs["fastv"]), "--format", "csv",
+                                      "--out", str(out)])
     compare_command.run(args)
     assert _csv(out.read_text())[1]["routing"] == "fastv" and str(out) in capsys.readouterr().err
 
@@ -172,13 +175,14 @@ def test_sweep_runs_each_grid_point_reports_failures_and_compares(
 
     monkeypatch.setattr("segrouter.sweep.Popen", FakeFit)
     monkeypatch.setenv("SEGROUTER_RUN_VERSION", "7")
-    args = build_parser().parse_args(["sweep", "--recipes", TINY, "trainer.max_steps=1", "--grid", "optim.lr=0.001,0.01",
-                                 "--out", str(tmp_path / "sweep")])
+    args = build_parser().parse_args(["sweep", "--recipes", TINY, "trainer.max_steps=1",
+                                      "--grid", "optim.lr=0.001,0.01", "--out", str(tmp_path / "sweep")])
     with pytest.raises(SegrouterError, match=r"1 of 2 sweep runs failed: tiny-lr=0.01"):
         sweep_command.run(args)
     assert [c[0][c[0].index("fit") + 1:][:2] for c in calls] == [["--recipe", TINY]] * 2
     first = calls[0][0]
-    assert {"trainer.max_steps=1", "optim.lr=0.001", f"output_dir={tmp_path / 'sweep'}", "name=tiny-lr=0.001"} <= set(first)
+    assert {"trainer.max_steps=1", "optim.lr=0.001", f"output_dir={tmp_path / 'sweep'}",
+            "name=tiny-lr=0.001"} <= set(first)
     assert all("SEGROUTER_RUN_VERSION" not in env for _, env in calls)
     out, err = capsys.readouterr()
     assert "tiny-lr=0.001/version_0" in out and "tiny-lr=0.01 failed (exit code 143; no run folder)" in err
@@ -196,8 +200,10 @@ def test_a_signal_to_the_sweep_goes_to_the_running_fit_and_stops_the_sweep(
             return 143 if self.signals else 0  # the fit saved its checkpoint and exited
 
     monkeypatch.setattr("segrouter.sweep.Popen", SignalledFit)
-    args = build_parser().parse_args(["sweep", "--recipes", TINY, "--grid", "optim.lr=0.001,0.01", "--out", str(tmp_path)])
-    with interrupts.raising(), pytest.raises(interrupts.Interrupted, match="tiny-lr=0.001 stopped \\(exit code 143\\)") as exc:
+    args = build_parser().parse_args(["sweep", "--recipes", TINY, "--grid", "optim.lr=0.001,0.01",
+                                      "--out", str(tmp_path)])
+    with interrupts.raising(), pytest.raises(interrupts.Interrupted,
+                                             match="tiny-lr=0.001 stopped \\(exit code 143\\)") as exc:
         sweep_command.run(args)
     assert exc.value.exit_code == 143
     assert len(started) == 1 and started[0].signals == [signal.SIGTERM]  # the next run never started

@@ -143,7 +143,7 @@ def test_routing_contract(name: str, small_llm: Any) -> None:
         strategy(small_llm, seq)
     masks, ffn = strategy.stats.ffn_masks, strategy.stats.as_lists()["ffn_tokens"]
     assert masks is not None and len(masks) == small_llm.num_layers, "one FFN mask per layer"
-    for mask, count in zip(masks, ffn):
+    for mask, count in zip(masks, ffn, strict=True):
         assert mask.shape == seq.kinds.shape and mask.dtype == torch.bool and not (mask & ~seq.valid).any()
         assert mask.sum(dim=1).float().mean().item() == pytest.approx(count)
 

@@ -48,7 +48,8 @@ def test_dry_run_writes_every_section(tmp_path: Path, one_thread: None) -> None:
         for row in rows.values():
             assert row["gflops"] > 0 and row["ms"]["median"] > 0 and row["ms"]["n"] == 2
             assert row["speedup"] > 0 and 0 < row["flops_ratio"] <= 1 and row["memory"] is None
-        assert rows["token_routing"]["flops_ratio"] < 1 and rows["token_routing"]["ffn_tokens_mean"] < rows["full"]["ffn_tokens_mean"]
+        assert (rows["token_routing"]["flops_ratio"] < 1
+                and rows["token_routing"]["ffn_tokens_mean"] < rows["full"]["ffn_tokens_mean"])
     assert [p["image_tokens"] for p in sections["scaling"].values()] == [64, 128, 256]
     assert all(p["rows"]["token_routing"]["flops_ratio"] < 1 for p in sections["scaling"].values())
 
@@ -89,7 +90,8 @@ def test_failed_and_late_sections_are_recorded_and_the_rest_runs(tmp_path: Path,
     ("argv", "message"),
     [
         ([], "the following arguments are required: out"),
-        (["OUT", "--device", "cpu", "--tiny", "--sections", "prefil"], "unknown section 'prefil' (did you mean 'prefill'?)"),
+        (["OUT", "--device", "cpu", "--tiny", "--sections", "prefil"],
+         "unknown section 'prefil' (did you mean 'prefill'?)"),
         (["OUT", "--device", "cpu"], "the 7B shapes need a GPU"),
         (["OUT", "--device", "gpu0", "--tiny"], "unknown device 'gpu0'"),
         (["OUT", "--device", "cpu", "--tiny", "--deadline-s", "soon"], "invalid float value: 'soon'"),

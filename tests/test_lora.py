@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import build_model, tiny_cfg
+
 from segrouter.errors import SegrouterError
 
 LORA = ("model.lora.enabled=true", "model.lora.r=4", "model.freeze_vision=true")

@@ -34,10 +34,12 @@ def test_decoders_map_prompts_to_upscaled_masks(node: dict) -> None:
 
 def test_sam_decoder_loads_from_a_local_sam_directory(tmp_path: Path) -> None:
     cfg = SamConfig()
-    cfg.vision_config.update({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "output_channels": 32,
-                              "global_attn_indexes": [0], "mlp_dim": 64, "image_size": 64, "num_pos_feats": 16})
+    cfg.vision_config.update({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                              "output_channels": 32, "global_attn_indexes": [0], "mlp_dim": 64, "image_size": 64,
+                              "num_pos_feats": 16})
     cfg.prompt_encoder_config.update({"hidden_size": 32, "image_size": 64, "image_embedding_size": 4})
-    cfg.mask_decoder_config.update({"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32})
+    cfg.mask_decoder_config.update({"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2,
+                                    "iou_head_hidden_dim": 32})
     SamModel(cfg).save_pretrained(tmp_path / "sam")
     dec = registry("mask_decoder").build({"name": "sam", "path": str(tmp_path / "sam")}, 24, (4, 4))
     assert dec.prompt_dim == 32

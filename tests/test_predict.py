@@ -54,21 +54,26 @@ def test_jsonl_and_folder_modes(ckpt: Path, tmp_path: Path) -> None:
     assert (tmp_path / "out" / "a.png").exists() and (tmp_path / "out" / "b_ov.png").exists()
     rc = main(["predict", "--recipe", TINY, "--ckpt", str(ckpt), "--folder", str(tmp_path), "--text", "the shape",
                "--out-dir", str(tmp_path / "f")])
-    assert rc == 0 and {p.name for p in (tmp_path / "f").iterdir()} == {"a_mask.png", "a_overlay.png", "b_mask.png", "b_overlay.png"}
+    assert rc == 0 and {p.name for p in (tmp_path / "f").iterdir()} == {
+        "a_mask.png", "a_overlay.png", "b_mask.png", "b_overlay.png",
+    }
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt"])
-def test_bad_image_is_one_line_exit_2(ckpt: Path, tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_image_is_one_line_exit_2(ckpt: Path, tmp_path: Path, kind: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     img = tmp_path / "x.jpg"
     if kind == "corrupt":
         img.write_bytes(b"not an image")
-    rc = main(["predict", "--recipe", TINY, "--ckpt", str(ckpt), "--image", str(img), "--text", "a", "--out", str(tmp_path / "m.png")])
+    rc = main(["predict", "--recipe", TINY, "--ckpt", str(ckpt), "--image", str(img), "--text", "a",
+               "--out", str(tmp_path / "m.png")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and str(img) in err[0], err
     assert not (tmp_path / "m.png").exists()
 
 
-def test_an_output_that_is_an_input_image_is_refused(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_output_that_is_an_input_image_is_refused(ckpt: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     img = _image(tmp_path / "in.png")
     before = img.read_bytes()
     for out in (["--out", str(tmp_path / "sub" / ".." / "in.png")],

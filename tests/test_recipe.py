@@ -35,7 +35,8 @@ def test_bases_merge_in_order_then_file_then_overrides(tmp_path: Path) -> None:
 def test_nested_bases_and_interpolation(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     _write(tmp_path / "sub" / "root.yaml", "model: {image_size: 48}\n")
-    _write(tmp_path / "mid.yaml", "base: sub/root.yaml\ndata: {dataset: {name: synthetic, image_size: '${model.image_size}'}}\n")
+    _write(tmp_path / "mid.yaml",
+           "base: sub/root.yaml\ndata: {dataset: {name: synthetic, image_size: '${model.image_size}'}}\n")
     cfg = load_recipe(_write(tmp_path / "top.yaml", "base: [mid.yaml]\n"))
     assert cfg.data.dataset.image_size == 48
 
@@ -55,7 +56,8 @@ def test_shipped_recipes_validate() -> None:
         ("", ["trainer.max_steps=abc"], "trainer.max_steps"),
         ("", ["optim.lr"], "override 'optim.lr' is not key=value"),
         ("model: {routing: {name: fulll}}\n", [], "model.routing.name: unknown routing 'fulll' (did you mean 'full'?)"),
-        ("model: {llm: {name: hf_causal, hiden_size: 3}}\n", [], "model.llm.hiden_size: 'hiden_size' is not a parameter"),
+        ("model: {llm: {name: hf_causal, hiden_size: 3}}\n", [],
+         "model.llm.hiden_size: 'hiden_size' is not a parameter"),
         ("model: {llm: {name: hf_causal, hidden_size: big}}\n", [], "model.llm.hidden_size: wrong type"),
         ("data: {dataset: {name: refcoco9}}\n", [], "unknown dataset 'refcoco9'"),
         ("data: {prompt: 'no placeholder'}\n", [], "data.prompt: prompt template has no {expression}"),
@@ -87,7 +89,8 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 
 
 def test_saved_recipe_round_trips(tmp_path: Path) -> None:
-    cfg = load_recipe(_write(tmp_path / "r.yaml", "name: rt\nmodel: {image_size: 32}\ndata: {dataset: {name: synthetic, image_size: '${model.image_size}'}}\n"))
+    cfg = load_recipe(_write(tmp_path / "r.yaml", "name: rt\nmodel: {image_size: 32}\n"
+                             "data: {dataset: {name: synthetic, image_size: '${model.image_size}'}}\n"))
     save_recipe(cfg, tmp_path / "out" / "recipe.yaml")
     again = load_recipe(tmp_path / "out" / "recipe.yaml")
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)

@@ -76,7 +76,8 @@ def make_layout(tmp: Path, *, rle_compressed: bool = True) -> tuple[Path, Path]:
         ],
         "annotations": [
             {"id": 10, "image_id": 1, "category_id": 7, "segmentation": [[2, 1, 6, 1, 6, 4, 2, 4]]},
-            {"id": 20, "image_id": 2, "segmentation": {"size": [6, 10], "counts": rle_string(counts) if rle_compressed else counts}},
+            {"id": 20, "image_id": 2,
+             "segmentation": {"size": [6, 10], "counts": rle_string(counts) if rle_compressed else counts}},
             {"id": 30, "image_id": 3, "segmentation": [[0, 0, 4, 0, 4, 4]]},
             {"id": 40, "image_id": 4, "segmentation": [[0, 0, 4, 0, 4, 4]]},
         ],
@@ -84,7 +85,8 @@ def make_layout(tmp: Path, *, rle_compressed: bool = True) -> tuple[Path, Path]:
     }
     (root / "refcoco" / "instances.json").write_text(json.dumps(instances))
     refs = [
-        {"ref_id": 1, "ann_id": 10, "image_id": 1, "split": "train", "sentences": [{"sent": "left box"}, {"sent": "the box"}]},
+        {"ref_id": 1, "ann_id": 10, "image_id": 1, "split": "train",
+         "sentences": [{"sent": "left box"}, {"sent": "the box"}]},
         {"ref_id": 2, "ann_id": 20, "image_id": 2, "split": "train", "sentences": [{"sent": "blob"}]},
         {"ref_id": 3, "ann_id": 30, "image_id": 3, "split": "train", "sentences": [{"sent": "broken"}]},
         {"ref_id": 4, "ann_id": 40, "image_id": 4, "split": "train", "sentences": [{"sent": "gone"}]},
@@ -171,7 +173,8 @@ def test_hf_refer_mask_and_polygon_columns(tmp_path: Path) -> None:
     dd.save_to_disk(str(tmp_path / "hf"))
     expected = torch.from_numpy(POLY_EXPECTED.repeat(2, 0).repeat(2, 1).astype(np.float32))
     by_mask = HFReferDataset("train", path=str(tmp_path / "hf"), image_size=16)
-    by_poly = HFReferDataset("val", path=str(tmp_path / "hf"), image_size=16, mask_column=None, polygon_column="polygon", max_samples=2)
+    by_poly = HFReferDataset("val", path=str(tmp_path / "hf"), image_size=16, mask_column=None,
+                             polygon_column="polygon", max_samples=2)
     assert len(by_mask) == 3 and len(by_poly) == 2
     for ds in (by_mask, by_poly):
         s = ds[1]

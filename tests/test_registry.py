@@ -40,7 +40,8 @@ def test_unknown_name_lists_registered_and_suggests() -> None:
     with pytest.raises(RecipeError) as err:
         _reg().get("thing_b", where="model.thing")
     msg = str(err.value)
-    assert "unknown thing 'thing_b'" in msg and "did you mean 'thing_a'" in msg and "registered thing names: thing_a" in msg
+    assert ("unknown thing 'thing_b'" in msg and "did you mean 'thing_a'" in msg
+            and "registered thing names: thing_a" in msg)
     assert "\n" not in msg
 
 
@@ -77,7 +78,8 @@ class _Picky:
     def __init__(self, width: int, /, *, depth: int = 2) -> None:
         self.check_params(depth=depth)
         if width % depth:
-            raise ParamError(f"width {width} is not divisible by depth {depth}", param="depth", fix="pick another depth")
+            raise ParamError(f"width {width} is not divisible by depth {depth}", param="depth",
+                             fix="pick another depth")
         self.depth = depth
 
     @staticmethod
@@ -137,7 +139,8 @@ def test_the_registry_imports_what_fills_it(tmp_path: Path, monkeypatch: pytest.
     """Asking a registry imports the built-in packages: nobody has to load them first."""
     package = f"segrouter_test_builtin_{tmp_path.name[-8:]}".replace("-", "_")
     (tmp_path / f"{package}.py").write_text(
-        "from segrouter.registry import register\n\n\n@register('routing', 'self_loaded')\nclass SelfLoaded:\n    pass\n")
+        "from segrouter.registry import register\n\n\n"
+        "@register('routing', 'self_loaded')\nclass SelfLoaded:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     registry("routing")  # the real built-ins go into the real registry, which the test then sets aside
     monkeypatch.setitem(registry_module.REGISTRIES, "routing", Registry("routing"))  # restored after the test
@@ -187,7 +190,8 @@ def test_load_plugins_twice_loads_each_plugin_once(tmp_path: Path, monkeypatch: 
                         lambda **kw: [ep] if kw.get("group") == "segrouter.plugins" else real(**kw))
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    (plugins / "counted.py").write_text(PLUGIN.format(name="plugged_once") + f"\nimport {module}\n{module}.CALLS.append('file')\n")
+    (plugins / "counted.py").write_text(PLUGIN.format(name="plugged_once")
+                                        + f"\nimport {module}\n{module}.CALLS.append('file')\n")
     load_plugins([plugins])
     load_plugins([plugins])  # no "registered twice": nothing is imported or called again
     assert sys.modules[module].CALLS == ["entry point", "file"]

@@ -54,7 +54,8 @@ def test_build_sequence_splices_variable_visual_tokens() -> None:
     text_mask = ids != 0
     labels = torch.where(ids == 7, 7, -100)
     emb = torch.randn(2, 6, 4)
-    vis = VisualTokens(torch.randn(2, 3, 4), torch.tensor([[True, True, True], [True, False, False]]), torch.rand(2, 3, 2))
+    vis = VisualTokens(torch.randn(2, 3, 4), torch.tensor([[True, True, True], [True, False, False]]),
+                       torch.rand(2, 3, 2))
     seq, lab, mpos = build_sequence(emb, ids, text_mask, labels, vis, image_token_id=9, mask_token_ids=[7])
     K = Kind
     assert seq.kinds[0].tolist() == [K.TEXT, K.IMAGE, K.IMAGE, K.IMAGE, K.TEXT, K.TEXT, K.MASK]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_model, tiny_cfg
 from skimage.color import rgb2lab
 
 from segrouter.compressors.sam_superpixel import SAMSuperpixelProjector, region_stats
@@ -25,7 +26,6 @@ from segrouter.superpixels import (
 )
 from segrouter.superpixels.regions import border_lengths, merge_similar_colours
 from segrouter.superpixels.sam_amg import paint
-from conftest import build_model, tiny_cfg
 
 
 def _scene(size: int = 48, seed: int = 0) -> np.ndarray:

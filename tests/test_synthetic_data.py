@@ -88,7 +88,7 @@ def test_same_seed_gives_identical_data_in_any_order() -> None:
     a = SyntheticReferringDataset("train", num_samples=20, seed=3)
     b = SyntheticReferringDataset("train", num_samples=20, seed=3)
     reversed_items = [a[i] for i in reversed(range(20))][::-1]
-    for x, y in zip(reversed_items, (b[i] for i in range(20))):
+    for x, y in zip(reversed_items, (b[i] for i in range(20)), strict=True):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"]) and x["text"] == y["text"]
     assert torch.equal(a[-1]["image"], a[19]["image"])
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RECIPES, build_model, tiny_cfg
 
 from segrouter.bench import disturbance, format_table, lisa_sequence, round_spread, run_bench
 from segrouter.errors import RecipeError, SegrouterError
@@ -16,8 +17,6 @@ from segrouter.flops import count_flops
 from segrouter.registry import registry
 from segrouter.routing.base import Kind
 from segrouter.text import build_tokenizer
-
-from conftest import RECIPES, build_model, tiny_cfg
 
 
 def _llm(layers: int = 4, d: int = 64) -> torch.nn.Module:
@@ -49,7 +48,8 @@ def test_all_proxies_and_no_late_insertion_equals_full(rule: str, assignment: st
     llm = _llm()
     seq = _seq(llm)
     full = registry("routing").build({"name": "full"})(llm, seq)
-    ours = _strategy(llm, insert_layer=0, route_start=0, proxy_ratio=1.0, proxy_rule=rule, assignment=assignment)(llm, seq)
+    ours = _strategy(llm, insert_layer=0, route_start=0, proxy_ratio=1.0, proxy_rule=rule,
+                     assignment=assignment)(llm, seq)
     valid = seq.valid
     torch.testing.assert_close(ours[valid], full[valid], rtol=1e-5, atol=1e-5)
 
@@ -62,7 +62,7 @@ def test_flops_drop_as_configured() -> None:
         ratios = {}
         for ratio in (1.0, 0.25, 0.0625):
             s = _strategy(llm, insert_layer=2, route_start=1, proxy_ratio=ratio)
-            _, f = count_flops(lambda: s(llm, seq))
+            _, f = count_flops(lambda s=s: s(llm, seq))
             ratios[ratio] = f / f_full
             ffn = s.stats.as_lists()["ffn_tokens"]
             n_proxies = max(1, round(64 * ratio))
@@ -174,7 +174,8 @@ def test_bench_random_init_toy_shape(tmp_path: Path) -> None:
     args = argparse.Namespace(
         recipe=str(RECIPES / "token_routing.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[],
         random_init="toy", num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1,
-        warmup=1, repeats=2, device="cpu", dtype="float32", out=str(tmp_path / "b.json"), candidate_image_tokens=None, flops_only=False,
+        warmup=1, repeats=2, device="cpu", dtype="float32", out=str(tmp_path / "b.json"), candidate_image_tokens=None,
+        flops_only=False,
     )
     r = run_bench(args)
     assert 0 < r["flops_ratio"] < 1 and len(r["A"]["times_s"]) == 2
@@ -208,7 +209,8 @@ def test_bench_warns_when_rounds_disagree_or_the_machine_is_loaded() -> None:
 
 def test_bench_from_recipes(tmp_path: Path) -> None:
     args = argparse.Namespace(
-        recipe=str(RECIPES / "tiny.yaml"), vs=str(RECIPES / "tiny.yaml"), overrides=["model.routing.name=token_routing"],
+        recipe=str(RECIPES / "tiny.yaml"), vs=str(RECIPES / "tiny.yaml"),
+        overrides=["model.routing.name=token_routing"],
         random_init=None, num_layers=None, batch=2, warmup=0, repeats=1, device="cpu", dtype="float32", out=None,
         image_tokens=576, text_tokens=32, num_mask_tokens=1, candidate_image_tokens=None, flops_only=False,
     )
@@ -350,7 +352,8 @@ def test_whole_layer_routing_with_every_token_a_proxy_equals_full(rule: str) -> 
 def test_whole_layer_routing_takes_routed_tokens_out_of_attention_too() -> None:
     llm = _llm()
     seq = _seq(llm, batch=1)
-    ffn_only, whole = (_strategy(llm, insert_layer=2, route_start=1, proxy_ratio=0.25, routed=r) for r in ("ffn", "layer"))
+    ffn_only, whole = (_strategy(llm, insert_layer=2, route_start=1, proxy_ratio=0.25, routed=r)
+                       for r in ("ffn", "layer"))
     with torch.no_grad():
         flops = {name: count_flops(lambda s=s: s(llm, seq))[1] for name, s in (("ffn", ffn_only), ("layer", whole))}
     assert flops["layer"] < flops["ffn"]

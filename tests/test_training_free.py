@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import RECIPES, build_model, tiny_cfg
 
 from segrouter.cli import main
 from segrouter.compare import compare
-from conftest import RECIPES, build_model, tiny_cfg
 
 TINY = str(RECIPES / "tiny.yaml")
 
@@ -40,8 +40,8 @@ def full_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("routing", "note"),
     [
         (["model.routing.name=token_routing"],
-         "routing.projectors (8): the projectors' output layers are zero: each routed image token takes its nearest proxy's "
-         "FFN update unchanged"),
+         "routing.projectors (8): the projectors' output layers are zero: each routed image token takes its "
+         "nearest proxy's FFN update unchanged"),
         (["model.routing.name=mod"], "routing.routers (2): routers are zero, so every image token scores the same"),
         (["model.routing.name=random", "model.routing.k=1"], "every tensor comes from"),
     ],

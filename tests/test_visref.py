@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RECIPES, build_model, tiny_cfg
 
 from segrouter.cli import main
 from segrouter.compressors.base import VisualTokens
@@ -17,7 +18,6 @@ from segrouter.model.module import visual_control
 from segrouter.model.sequence import build_sequence
 from segrouter.routing.base import Kind
 from segrouter.vision_encoders.conv_stem import ConvStem
-from conftest import RECIPES, build_model, tiny_cfg
 
 TINY = str(RECIPES / "tiny.yaml")
 VISREF = [
@@ -84,7 +84,8 @@ def test_evaluation_batches_carry_the_name_for_the_probe_only(tmp_path: Path) ->
     named = tok.convert_ids_to_tokens(batch["probe_ids"][0][batch["probe_text_mask"][0]].tolist())
     assert plain[-2:] == ["[SEG]", "[EOS]"]  # the masks never see the name
     assert named[-4:] == ["[SEG]", *sample["target"].split(), "[EOS]"]
-    assert tok.convert_ids_to_tokens([i for i in batch["probe_labels"][0].tolist() if i != -100]) == sample["target"].split()
+    assert (tok.convert_ids_to_tokens([i for i in batch["probe_labels"][0].tolist() if i != -100])
+            == sample["target"].split())
     assert "probe_ids" not in next(iter(data.train_dataloader()))
 
 
@@ -135,8 +136,8 @@ def test_nothing_after_the_mask_token_changes_it(tmp_path: Path, routing: str) -
             hidden = model.routing(model.llm, seq)
             prefixes.append([hidden[i, : int(mask_pos[i, 0]) + 1] for i in range(len(samples))])
             masks.append(model(batch)["masks"])
-    for prefix, mask in zip(prefixes[1:], masks[1:]):
-        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(prefixes[0], prefix))
+    for prefix, mask in zip(prefixes[1:], masks[1:], strict=True):
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(prefixes[0], prefix, strict=True))
         assert torch.allclose(masks[0], mask, atol=1e-5)
 
 
@@ -251,7 +252,8 @@ def test_init_from_starts_a_run_from_another_runs_weights(tmp_path: Path, capsys
     assert not (tmp_path / "stage2").exists()  # nothing written by a run that could not start
 
 
-def test_validate_with_another_recipes_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_with_another_recipes_checkpoint_is_one_line(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}"]) == 0
     os.environ.pop("SEGROUTER_RUN_VERSION", None)
     capsys.readouterr()

@@ -129,8 +129,9 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
                            "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda, max_memory_allocated_gib=0.0,
-                   memory_gib=props.total_memory / 2**30, dense_bf16_peak_flops=dense_bf16_peak(device),
+        env.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   max_memory_allocated_gib=0.0, memory_gib=props.total_memory / 2**30,
+                   dense_bf16_peak_flops=dense_bf16_peak(device),
                    sdpa_backends={"flash": torch.backends.cuda.flash_sdp_enabled(),
                                   "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
                                   "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
@@ -221,7 +222,7 @@ def compare(m: dict[str, Measured], memory: dict[str, Any], reference: str) -> d
     ref = m[reference]
     rows = {}
     for name, r in m.items():
-        per_round = [a / b for a, b in zip(ref.times, r.times)]
+        per_round = [a / b for a, b in zip(ref.times, r.times, strict=True)]
         flops_ratio = r.flops / ref.flops
         speedup = ref.median / r.median
         rows[name] = {
@@ -351,13 +352,15 @@ def _profile(fn: Callable[[], Any], device: torch.device, iters: int) -> tuple[d
         "top_kernels": [{"name": e.key[:120], "calls": e.count / iters, "ms": e.self_device_time_total / iters / 1e3,
                          "share": e.self_device_time_total / kernel_us} for e in kernels[:15]],
     }
-    lines = [f"per forward ({iters} profiled): kernels {summary['kernel_ms']:.3f} ms in {summary['kernel_launches']:.0f} "
-             f"launches; host syncs: aten::_local_scalar_dense {summary['host_syncs']:.0f}, "
+    lines = [f"per forward ({iters} profiled): kernels {summary['kernel_ms']:.3f} ms "
+             f"in {summary['kernel_launches']:.0f} launches; "
+             f"host syncs: aten::_local_scalar_dense {summary['host_syncs']:.0f}, "
              f"cuda*Synchronize {summary['cuda_sync_calls']:.0f}",
              "kernel time by name group (ms): " + ", ".join(f"{g} {t:.3f}" for g, t in groups.items())]
     if kernels:
         lines.append(f"\ntop 15 kernels by time (per forward):\n{'ms':>9} {'share':>6} {'calls':>6}  kernel")
-        lines += [f"{k['ms']:9.3f} {100 * k['share']:5.1f}% {k['calls']:6.0f}  {k['name']}" for k in summary["top_kernels"]]
+        lines += [f"{k['ms']:9.3f} {100 * k['share']:5.1f}% {k['calls']:6.0f}  {k['name']}"
+                  for k in summary["top_kernels"]]
     lines.append("\ntop 15 CPU-side ops by self CPU time (all profiled forwards):")
     lines.append(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
     return summary, "\n".join(lines)
@@ -521,7 +524,8 @@ def _profile_lines(body: dict[str, Any]) -> list[str]:
     lines = [f"{body['image_tokens']} image tokens, batch 1. token_routing: speedup {body['speedup']:.2f}×, "
              f"kernel-time speedup {kernel}, FLOP-ideal {1 / body['flops_ratio']:.2f}×. "
              f"Kernel tables: `{body['file']}`.", "",
-             "| run | median ms | kernel ms | GPU busy | launches | item() syncs | cuda*Synchronize | kernel ms by group |",
+             "| run | median ms | kernel ms | GPU busy | launches | item() syncs | cuda*Synchronize "
+             "| kernel ms by group |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name in ("full", "token_routing"):
         r = body[name]
@@ -546,7 +550,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     for s in args.sections:
         if s not in SECTIONS:
-            raise SegrouterError(f"unknown section '{s}'{did_you_mean(s, SECTIONS)}", fix=f"sections: {', '.join(SECTIONS)}")
+            raise SegrouterError(f"unknown section '{s}'{did_you_mean(s, SECTIONS)}",
+                                 fix=f"sections: {', '.join(SECTIONS)}")
     if not args.sections:
         raise SegrouterError("--sections is empty", fix=f"name at least one of: {', '.join(SECTIONS)}")
     try:
@@ -554,7 +559,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     except RuntimeError:
         raise SegrouterError(f"unknown device '{args.device}'", fix="use cuda or cpu") from None
     if args.device.type == "cuda" and not torch.cuda.is_available():
-        raise SegrouterError("--device cuda but no CUDA device is visible", fix="use --device cpu --tiny for the dry run")
+        raise SegrouterError("--device cuda but no CUDA device is visible",
+                             fix="use --device cpu --tiny for the dry run")
     if args.device.type != "cuda" and not args.tiny:
         raise SegrouterError(f"the 7B shapes need a GPU, not {args.device}", fix="add --tiny for the toy-shape dry run")
     out = Path(args.out)
@@ -580,8 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx.results["env"]["command"] = shlex.join(["benchmarks/gpu/gpu_bench.py", *argv])
     env = ctx.results["env"]
     ctx.log(f"{env['device_name']}; python {env['python']}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-            f"transformers {env['versions']['transformers']}, lightning {env['versions']['lightning']}; {env['dtype']}; "
-            f"sections {', '.join(args.sections)}; writing {args.out}")
+            f"transformers {env['versions']['transformers']}, lightning {env['versions']['lightning']}; "
+            f"{env['dtype']}; sections {', '.join(args.sections)}; writing {args.out}")
     missing = [d for d, v in env["versions"].items() if v is None]
     if missing:
         ctx.log(f"not installed: {', '.join(missing)} (sections that need them will fail and be recorded)")

@@ -4,8 +4,9 @@ For each recipe it reports the FLOPs counted by ``torch.utils.flop_counter`` (wh
 wall time of repeated forwards after warm-up (the two recipes interleaved, so drift hits both alike), the
 tokens each layer's attention and FFN computed, and the achieved speedup as a fraction of the FLOP-ideal
 one, with the spread of the per-round speedups and the machine's load average before and after; a warning
-line says when either makes the ratio unreliable. ``--random-init SHAPE`` benchmarks a named real LLM shape with random weights and a LISA-like sequence
-(576 image tokens by default), so speed claims can be checked without checkpoints, on CPU or GPU;
+line says when either makes the ratio unreliable. ``--random-init SHAPE`` benchmarks a named real LLM shape
+with random weights and a LISA-like sequence (576 image tokens by default), so speed claims can be checked
+without checkpoints, on CPU or GPU;
 ``--candidate-image-tokens N`` gives recipe A a compressor's token count (e.g. superpixels) instead.
 
 ``--flops-only`` (with ``--random-init``) only counts, on meta tensors (:func:`segrouter.flops.count_meta_flops`):
@@ -163,7 +164,8 @@ def random_llm(name: str, *, num_mask_tokens: int, device: torch.device, dtype: 
 
 
 def _random_init(args: argparse.Namespace, nodes: dict[str, dict[str, Any]], device: torch.device,
-                 dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy], dict[str, float], dict[str, Any]]:
+                 dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy],
+                                              dict[str, float], dict[str, Any]]:
     from segrouter.errors import recipe_path
     from segrouter.registry import registry
 
@@ -189,7 +191,8 @@ def _random_init(args: argparse.Namespace, nodes: dict[str, dict[str, Any]], dev
 
 
 def _from_recipes(args: argparse.Namespace, cfgs: dict[str, Any], device: torch.device,
-                  dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy], dict[str, float], dict[str, Any]]:
+                  dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy],
+                                               dict[str, float], dict[str, Any]]:
     from segrouter.build import build
 
     runs, strategies, visual = {}, {}, {}
@@ -236,11 +239,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     a, b = m["A"], m["B"]
     flops_ratio = a.flops / b.flops
     speedup = b.median / a.median
-    spread = round_spread([tb / ta for ta, tb in zip(a.times, b.times)])
+    spread = round_spread([tb / ta for ta, tb in zip(a.times, b.times, strict=True)])
     warnings = disturbance(spread, (load_before, load_after), torch.get_num_threads(), device)
     result = {
-        "A": {"recipe": str(args.recipe), "name": names["A"], "flops": a.flops, "median_s": a.median, "times_s": a.times,
-              "visual_tokens": a.visual_tokens, **a.tokens},
+        "A": {"recipe": str(args.recipe), "name": names["A"], "flops": a.flops, "median_s": a.median,
+              "times_s": a.times, "visual_tokens": a.visual_tokens, **a.tokens},
         "B": {"recipe": str(args.vs), "name": names["B"], "flops": b.flops, "median_s": b.median, "times_s": b.times,
               "visual_tokens": b.visual_tokens, **b.tokens},
         "flops_ratio": flops_ratio,

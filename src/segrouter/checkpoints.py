@@ -24,7 +24,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise SegrouterError(f"cannot read weights {path}: {type(exc).__name__}: {exc}", fix="check the file is intact") from None
+        raise SegrouterError(f"cannot read weights {path}: {type(exc).__name__}: {exc}",
+                             fix="check the file is intact") from None
     if not isinstance(obj, dict):
         raise SegrouterError(f"{path} holds no state dict", fix="save it with torch.save(model.state_dict(), path)")
     return obj
@@ -65,7 +66,8 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path, *, allow_missing: boo
     and ``fix`` go into the error when the checkpoint does not fit. ``only`` names the model's top-level
     modules to load (e.g. ``vision``, ``llm``): the rest of the checkpoint and of the model is left alone."""
     if is_sharded(ckpt):
-        raise SegrouterError(f"{ckpt} is a sharded DeepSpeed checkpoint", fix=f"run: segrouter consolidate --ckpt {ckpt} --out model.ckpt")
+        raise SegrouterError(f"{ckpt} is a sharded DeepSpeed checkpoint",
+                             fix=f"run: segrouter consolidate --ckpt {ckpt} --out model.ckpt")
     state, missing = check_fits(model, load_state_dict(ckpt), ckpt, allow_missing=allow_missing, only=only,
                                 where=where, fix=fix)
     model.load_state_dict(state, strict=False)
@@ -74,7 +76,8 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path, *, allow_missing: boo
 
 def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], ckpt: str | Path, *, allow_missing: bool = False,
                only: Sequence[str] = (), where: str | None = None,
-               fix: str = "pass the recipe (and overrides) the checkpoint was trained with") -> tuple[dict[str, torch.Tensor], list[str]]:
+               fix: str = "pass the recipe (and overrides) the checkpoint was trained with",
+               ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Check that ``state`` (read from ``ckpt``) fits ``model`` as :func:`load_weights` describes, without loading
     it: (the part of ``state`` to load, the model's keys it lacks)."""
     own = model.state_dict()

@@ -68,7 +68,8 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
     once, before a command runs."""
     recipe = argparse.ArgumentParser(add_help=False)
     recipe.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
-    recipe.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. trainer.max_steps=100")
+    recipe.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="recipe overrides, e.g. trainer.max_steps=100")
     recipe.add_argument("--print-recipe", action="store_true",
                         help="print the resolved, validated recipe (YAML) and exit, building and writing nothing")
     plugins = argparse.ArgumentParser(add_help=False)

@@ -190,7 +190,8 @@ def render(summaries: Sequence[RunSummary], fmt: Format = "table") -> str:
     widths = [max(len(r[i]) for r in [headers, *cells]) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if k in _TEXT_KEYS else c.rjust(w) for c, w, (_, k) in zip(row, widths, _COLUMNS)).rstrip()
+        return "  ".join(c.ljust(w) if k in _TEXT_KEYS else c.rjust(w)
+                         for c, w, (_, k) in zip(row, widths, _COLUMNS, strict=True)).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)]) + "\n"
 
@@ -209,7 +210,7 @@ def pareto_plot(summaries: Sequence[RunSummary], path: Path) -> None:
         names = [s.label for s in summaries]
     points = [
         (name, s.values["llm_flops"], s.values[f"{split}/ciou"])
-        for name, s in zip(names, summaries)
+        for name, s in zip(names, summaries, strict=True)
         if s.values.get("llm_flops") is not None and s.values.get(f"{split}/ciou") is not None
     ]
     fig = Figure(figsize=(6.4, 4.8))
@@ -223,7 +224,7 @@ def pareto_plot(summaries: Sequence[RunSummary], path: Path) -> None:
         if not front or y > front[-1][1]:
             front.append((x, y))
     if len(front) > 1:
-        ax.plot(*zip(*front), linestyle="--", color="gray", linewidth=1, label="Pareto front")
+        ax.plot(*zip(*front, strict=True), linestyle="--", color="gray", linewidth=1, label="Pareto front")
         ax.legend(loc="lower right", fontsize=8)
     if not points:
         ax.text(0.5, 0.5, "no run has both LLM FLOPs and cIoU", ha="center", va="center", transform=ax.transAxes)
@@ -252,7 +253,8 @@ def compare(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's version folder, or a recipe folder (newest version)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="a run's version folder, or a recipe folder (newest version)")
     p.add_argument("--metric", default="val/ciou", help="picks each run's best step (max; min for a loss)")
     p.add_argument("--plot", metavar="PNG", help="write a Pareto plot (cIoU vs LLM FLOPs)")
     p.add_argument("--format", choices=FORMATS, default="table")

@@ -23,12 +23,14 @@ def run(args: argparse.Namespace) -> int:
 
     src, out = Path(args.ckpt), Path(args.out)
     if not src.is_dir() or not (src / "latest").is_file():
-        raise SegrouterError(f"{src} is not a DeepSpeed checkpoint folder (no 'latest' file)", fix="pass the .ckpt folder a DeepSpeed run saved")
+        raise SegrouterError(f"{src} is not a DeepSpeed checkpoint folder (no 'latest' file)",
+                             fix="pass the .ckpt folder a DeepSpeed run saved")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         convert_zero_checkpoint_to_fp32_state_dict(str(src), str(out))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise SegrouterError(f"cannot consolidate {src}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+        raise SegrouterError(f"cannot consolidate {src}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}",
                              fix="check the folder is complete (one shard per rank)") from None
     print(f"segrouter: consolidated {src} → {out}")
     return 0

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         raise SegrouterError("metrics.training_free describes an evaluation, not a training run",
                              fix="start a fine-tune from a checkpoint with init_from=PATH instead")
     if args.ckpt is not None and not args.resume:
-        raise SegrouterError("--ckpt on fit needs --resume", fix="add --resume to continue training from that checkpoint")
+        raise SegrouterError("--ckpt on fit needs --resume",
+                             fix="add --resume to continue training from that checkpoint")
     if args.other_recipe and not args.ckpt:
         raise SegrouterError("--other-recipe needs --resume --ckpt PATH", fix="name the checkpoint to continue")
     if args.print_recipe:

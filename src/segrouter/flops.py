@@ -73,7 +73,7 @@ def _to_meta(x: Any) -> Any:
 
 def _storage(t: torch.Tensor) -> int:
     """Elements a tensor really holds: an ``expand``-ed index (stride 0) counts once, not per broadcast copy."""
-    return 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0) if t.numel() else 0
+    return 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True) if n > 0) if t.numel() else 0
 
 
 class MetaValues(TorchDispatchMode):

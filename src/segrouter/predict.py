@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _jobs(args: argparse.Namespace) -> list[Job]:
     modes = [m for m in ("image", "jsonl", "folder") if getattr(args, m)]
     if len(modes) != 1:
-        raise SegrouterError("give exactly one of --image, --jsonl, --folder", fix="e.g. --image img.png --text 'the dog' --out mask.png")
+        raise SegrouterError("give exactly one of --image, --jsonl, --folder",
+                             fix="e.g. --image img.png --text 'the dog' --out mask.png")
     if args.image:
         if not args.text or not args.out:
             raise SegrouterError("--image needs --text and --out", fix="add --text '...' --out mask.png")
@@ -61,11 +62,13 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
     if args.folder:
         folder = Path(args.folder)
         if not folder.is_dir() or not args.text or not args.out_dir:
-            raise SegrouterError(f"--folder needs an existing folder, --text and --out-dir (got {folder})", fix="check the arguments")
+            raise SegrouterError(f"--folder needs an existing folder, --text and --out-dir (got {folder})",
+                                 fix="check the arguments")
         out = Path(args.out_dir)
         files = sorted(f for f in folder.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
         if not files:
-            raise DataError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) in {folder}", fix="point --folder at your images")
+            raise DataError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) in {folder}",
+                            fix="point --folder at your images")
         return [Job(f, args.text, out / f"{f.stem}_mask.png", out / f"{f.stem}_overlay.png") for f in files]
     path = Path(args.jsonl)
     if not path.is_file():
@@ -79,7 +82,8 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
             jobs.append(Job(path.parent / row["image"], str(row["text"]), path.parent / row["out"],
                             path.parent / row["overlay"] if row.get("overlay") else None))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DataError(f"{path}:{n}: bad line ({type(exc).__name__}: {exc})", fix='write {"image": ..., "text": ..., "out": ...}') from None
+            raise DataError(f"{path}:{n}: bad line ({type(exc).__name__}: {exc})",
+                            fix='write {"image": ..., "text": ..., "out": ...}') from None
     return jobs
 
 
@@ -96,7 +100,8 @@ def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: t
         out = model(batch)
     logits = out["masks"][0].float()
     h, w = letterbox_size(image.height, image.width, size)
-    full = F.interpolate(logits[None, None, :h, :w], size=(image.height, image.width), mode="bilinear", align_corners=False)
+    full = F.interpolate(logits[None, None, :h, :w], size=(image.height, image.width), mode="bilinear",
+                         align_corners=False)
     return (full[0, 0] > 0).cpu().numpy(), int(out["visual_tokens"][0])
 
 

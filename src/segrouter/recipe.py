@@ -364,7 +364,8 @@ def _kind_mismatch(base: Any, override: Any, prefix: str = "") -> str | None:
 
 def _where(base: DictConfig, override: DictConfig) -> str | None:
     try:
-        return _kind_mismatch(OmegaConf.to_container(base, resolve=False), OmegaConf.to_container(override, resolve=False))
+        return _kind_mismatch(OmegaConf.to_container(base, resolve=False),
+                              OmegaConf.to_container(override, resolve=False))
     except Exception:  # only a hint for the message
         return None
 
@@ -378,14 +379,16 @@ def merge(base: DictConfig, override: DictConfig) -> DictConfig:
             new, old = OmegaConf.select(override, key), OmegaConf.select(base, key)
         except OmegaConfBaseException:  # e.g. 'data' is a list here: the merge below reports it
             continue
-        if isinstance(new, DictConfig) and isinstance(old, DictConfig) and "name" in new and new.get("name") != old.get("name"):
+        if (isinstance(new, DictConfig) and isinstance(old, DictConfig) and "name" in new
+                and new.get("name") != old.get("name")):
             OmegaConf.update(base, key, {}, merge=False)
     try:
         return OmegaConf.merge(base, override)
     except (OmegaConfBaseException, TypeError, ValueError) as exc:  # e.g. a list where the base has a mapping
         key = getattr(exc, "full_key", None) or _where(base, override)
         raise RecipeError(f"cannot merge: {_first_line(exc)}", where=str(key) if key else None,
-                          fix="a value must keep the kind (mapping, list or scalar) it has in the base recipe") from None
+                          fix="a value must keep the kind (mapping, list or scalar) it has in the "
+                              "base recipe") from None
 
 
 # Bounds on what one recipe may expand to: a hand-written recipe has a few hundred values, while a few lines of
@@ -440,7 +443,8 @@ def _read_yaml(path: Path) -> DictConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe: {exc}", where=str(path)) from None
     except RecursionError:
-        raise RecipeError(f"nested deeper than {MAX_RECIPE_DEPTH} levels", where=str(path), fix="flatten the recipe") from None
+        raise RecipeError(f"nested deeper than {MAX_RECIPE_DEPTH} levels", where=str(path),
+                          fix="flatten the recipe") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -511,7 +515,8 @@ def _reject_resolvers(node: Any, prefix: str = "") -> None:
     elif isinstance(node, str) and (m := _RESOLVER_CALL.search(node)):
         env = m.group(1) == "oc.env"
         raise RecipeError(
-            f"'{node}' calls the resolver '{m.group(1)}'; a recipe may only refer to its own keys, e.g. ${{model.image_size}}",
+            f"'{node}' calls the resolver '{m.group(1)}'; a recipe may only refer to its own keys, "
+            f"e.g. ${{model.image_size}}",
             where=prefix.rstrip(".") or None,
             fix=("write the value itself (as key=value on the command line if it varies); environment variables are "
                  "never read into a recipe, which is saved with the run and its checkpoints") if env
@@ -581,7 +586,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
     for key, item_type in _typed_lists(Recipe):  # omegaconf lets a mapping through as an item of list[str]
         for item in OmegaConf.select(cfg, key) or []:
             if isinstance(item, (DictConfig, ListConfig)):
-                raise RecipeError(f"expected a list of {item_type.__name__}, got an item {OmegaConf.to_container(item)!r}",
+                raise RecipeError(f"expected a list of {item_type.__name__}, "
+                                  f"got an item {OmegaConf.to_container(item)!r}",
                                   where=key, fix="fix the value's type")
     validate_ranges(cfg)
     validate_components(cfg)
@@ -616,12 +622,14 @@ def validate_components(cfg: DictConfig) -> None:
                           where="metrics.control", fix=f"use one of: {', '.join(CONTROLS)} (or null)")
     lora = cfg.model.lora
     if lora.enabled and not lora.targets:
-        raise RecipeError("LoRA needs at least one target module", where="model.lora.targets", fix="e.g. targets: [q_proj, v_proj]")
+        raise RecipeError("LoRA needs at least one target module", where="model.lora.targets",
+                          fix="e.g. targets: [q_proj, v_proj]")
     for key, allowed in (("prompt", {"expression"}), ("answer", {"mask_tokens", "target"})):
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(cfg.data[key]) if f is not None}
         except ValueError as exc:
-            raise RecipeError(f"bad template: {exc}", where=f"data.{key}", fix="write '{{' and '}}' for literal braces") from None
+            raise RecipeError(f"bad template: {exc}", where=f"data.{key}",
+                              fix="write '{{' and '}}' for literal braces") from None
         if fields - allowed:
             raise RecipeError(f"unknown placeholder(s) {sorted(fields - allowed)}", where=f"data.{key}",
                               fix=f"use only {', '.join('{' + a + '}' for a in sorted(allowed))}")
@@ -631,9 +639,11 @@ def validate_components(cfg: DictConfig) -> None:
         raise RecipeError("answer template has no {mask_tokens}", where="data.answer", fix="e.g. 'it is {mask_tokens}'")
     if "{target}" in cfg.data.answer and cfg.data.answer.index("{target}") < cfg.data.answer.index("{mask_tokens}"):
         raise RecipeError("{target} comes before {mask_tokens}, so the mask tokens would see the ground truth's name",
-                          where="data.answer", fix="put {target} after {mask_tokens}, e.g. 'it is {mask_tokens} {target}'")
+                          where="data.answer",
+                          fix="put {target} after {mask_tokens}, e.g. 'it is {mask_tokens} {target}'")
     if cfg.optim.scheduler not in ("cosine", "constant"):
-        raise RecipeError(f"unknown scheduler '{cfg.optim.scheduler}'", where="optim.scheduler", fix="use cosine or constant")
+        raise RecipeError(f"unknown scheduler '{cfg.optim.scheduler}'", where="optim.scheduler",
+                          fix="use cosine or constant")
     monitor = cfg.checkpoint.monitor
     if monitor is not None and monitor not in monitorable():
         raise RecipeError(f"no metric '{monitor}' is logged{did_you_mean(monitor, monitorable())}",

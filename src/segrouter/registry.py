@@ -160,7 +160,8 @@ class Registry:
                 )
             if not type_matches(value, params[key].annotation):
                 raise RecipeError(
-                    f"wrong type: got {value!r} ({type(value).__name__}), expected {_type_name(params[key].annotation)}",
+                    f"wrong type: got {value!r} ({type(value).__name__}), "
+                    f"expected {_type_name(params[key].annotation)}",
                     where=f"{where}.{key}",
                     fix=f"set {where}.{key} to a {_type_name(params[key].annotation)}",
                 )
@@ -206,7 +207,8 @@ def register(kind: str, name: str) -> Callable[[Any], Any]:
 
 def _registry_of(kind: str) -> Registry:
     if kind not in REGISTRIES:
-        raise SegrouterError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}", fix=f"kinds: {', '.join(KINDS)}")
+        raise SegrouterError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}",
+                             fix=f"kinds: {', '.join(KINDS)}")
     return REGISTRIES[kind]
 
 
@@ -339,7 +341,7 @@ def type_matches(value: Any, hint: Any) -> bool:
         if not isinstance(value, (list, tuple)):
             return False
         if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(args) == len(value) and all(type_matches(v, a) for v, a in zip(value, args))
+            return len(args) == len(value) and all(type_matches(v, a) for v, a in zip(value, args, strict=True))
         inner = args[0] if args else Any
         return all(type_matches(v, inner) for v in value)
     if origin in (dict, Mapping) or hint in (dict,):

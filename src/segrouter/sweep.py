@@ -48,7 +48,8 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
             current += ch
         values.append(current)
         if not sep or not key or any(not v for v in values):
-            raise SegrouterError(f"--grid '{spec}' is not KEY=V1,V2,...", fix="e.g. --grid model.routing.ratio=0.25,0.5")
+            raise SegrouterError(f"--grid '{spec}' is not KEY=V1,V2,...",
+                                 fix="e.g. --grid model.routing.ratio=0.25,0.5")
         grid.append((key, values))
     return grid
 
@@ -92,15 +93,18 @@ def run_job(job: Job, out: Path, plugins: list[str]) -> tuple[int, Path | None]:
             running.append(proc)
             code = proc.wait()  # a signal to the sweep goes on to the fit, which saves a checkpoint and exits
     if notes.signum is not None:
-        raise Interrupted(notes.signum, f"sweep run {job.name} stopped (exit code {code}); the runs after it did not start")
+        raise Interrupted(notes.signum,
+                          f"sweep run {job.name} stopped (exit code {code}); the runs after it did not start")
     created = sorted(_versions(out / job.name) - before, key=lambda p: int(p.name.split("_")[1]))
     return code, (created[-1] if created else None)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipes", nargs="+", required=True, metavar="RECIPE", help="recipe YAMLs; key=value overrides may follow")
+    p.add_argument("--recipes", nargs="+", required=True, metavar="RECIPE",
+                   help="recipe YAMLs; key=value overrides may follow")
     p.add_argument(
-        "--grid", action="append", default=[], metavar="KEY=V1,V2", help="values to sweep (repeatable; all combinations run)"
+        "--grid", action="append", default=[], metavar="KEY=V1,V2",
+        help="values to sweep (repeatable; all combinations run)",
     )
     p.add_argument("--out", default="runs/sweep", metavar="DIR", help="output_dir of every run (default: runs/sweep)")
     p.add_argument("--metric", default="val/ciou", help="picks each run's best step in the comparison")
@@ -126,9 +130,11 @@ def run(args: argparse.Namespace) -> int:
         if code != 0:
             failed.append(job.name)
             where = f"partial logs in {run}" if run is not None else "no run folder"
-            print(f"segrouter: sweep run {job.name} failed (exit code {code}; {where}); continuing", file=sys.stderr, flush=True)
+            print(f"segrouter: sweep run {job.name} failed (exit code {code}; {where}); continuing",
+                  file=sys.stderr, flush=True)
     if runs:
         print(compare(runs, metric=args.metric, plot=args.plot), end="")
     if failed:
-        raise SegrouterError(f"{len(failed)} of {len(jobs)} sweep runs failed: {', '.join(failed)}", fix="see their output above")
+        raise SegrouterError(f"{len(failed)} of {len(jobs)} sweep runs failed: {', '.join(failed)}",
+                             fix="see their output above")
     return 0

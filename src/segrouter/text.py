@@ -27,7 +27,8 @@ def build_tokenizer(path: str | None, vocabulary: list[str], num_mask_tokens: in
     specials = [IMAGE_TOKEN, *mask_token_names(num_mask_tokens)]
     if path:
         if not Path(path).is_dir():
-            raise SegrouterError(f"tokenizer/LLM directory not found: {path}", fix="set model.llm.path to a local HF directory")
+            raise SegrouterError(f"tokenizer/LLM directory not found: {path}",
+                                 fix="set model.llm.path to a local HF directory")
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
@@ -72,7 +73,7 @@ def encode_example(
     if target is not None and "{target}" in answer and tok.is_fast:
         start = len(answer[: answer.index("{target}")].format(mask_tokens=mask_str))
         spans = tok(reply_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        names = [t if s < start + len(target) and e > start else -100 for t, (s, e) in zip(reply, spans)]
+        names = [t if s < start + len(target) and e > start else -100 for t, (s, e) in zip(reply, spans, strict=True)]
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     ids = bos + prefix + reply + eos

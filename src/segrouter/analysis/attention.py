@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     load_weights(model, ckpt)  # one line, exit 2, when the checkpoint does not fit the recipe
     model.eval()
     loader = data.val_dataloader()
-    batches = [b for _, b in zip(range(args.batches), loader)]
+    batches = [b for _, b in zip(range(args.batches), loader, strict=False)]
     written = ANALYSES[args.what](cfg, ckpt, model, batches, out)
     print(f"segrouter: wrote {' and '.join(str(p) for p in written)}")
     return 0

@@ -170,7 +170,8 @@ class SAMSuperpixelProjector(Compressor):
         depth: int = 2,
     ) -> None:
         super().__init__()
-        self.check_params(**{k: v for k, v in locals().items() if k not in ("self", "in_dim", "out_dim", "grid_size", "__class__")})
+        self.check_params(**{k: v for k, v in locals().items()
+                             if k not in ("self", "in_dim", "out_dim", "grid_size", "__class__")})
         if aggregator:  # check_params has ensured aggregator_heads >= 1
             _check(
                 in_dim % aggregator_heads == 0,

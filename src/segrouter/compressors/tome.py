@@ -61,7 +61,8 @@ class ToMeProjector(Compressor):
                 raise ParamError(
                     f"r={r} at step {step + 1} of {steps}: {n} tokens remain and one step merges 1 to {n // 2}",
                     param="r",
-                    fix=f"lower r or steps (the {grid_size[0]}×{grid_size[1]} grid has {grid_size[0] * grid_size[1]} tokens)",
+                    fix=f"lower r or steps (the {grid_size[0]}×{grid_size[1]} grid has "
+                        f"{grid_size[0] * grid_size[1]} tokens)",
                 )
             n -= r
         self.r, self.steps = r, steps

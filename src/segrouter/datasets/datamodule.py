@@ -78,7 +78,7 @@ class SegDataModule(L.LightningDataModule):
         k = int(self.cfg.model.num_mask_tokens)
         targets = [s.get("target") for s in samples]
         encoded = [encode_example(self.tokenizer, s["text"], d.prompt, d.answer, k, t if train else None)
-                   for s, t in zip(samples, targets)]
+                   for s, t in zip(samples, targets, strict=True)]
         input_ids, labels, text_mask = self._pad([(ids, lab) for ids, lab, _ in encoded])
         shapes = {tuple(s["image"].shape) for s in samples}
         if len(shapes) != 1:
@@ -94,7 +94,7 @@ class SegDataModule(L.LightningDataModule):
         }
         if not train and "{target}" in d.answer and all(t is not None for t in targets):
             named = [encode_example(self.tokenizer, s["text"], d.prompt, d.answer, k, t)
-                     for s, t in zip(samples, targets)]
+                     for s, t in zip(samples, targets, strict=True)]
             batch["probe_ids"], batch["probe_labels"], batch["probe_text_mask"] = self._pad(
                 [(ids, names) for ids, _, names in named]
             )

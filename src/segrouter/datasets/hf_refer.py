@@ -46,20 +46,24 @@ class HFReferDataset(ReferringImageDataset):
 
         super().__init__(split, image_size, max_samples)
         if (mask_column is None) == (polygon_column is None):
-            raise DataError("hf_refer: set exactly one of mask_column and polygon_column", fix="e.g. polygon_column: polygon, mask_column: null")
+            raise DataError("hf_refer: set exactly one of mask_column and polygon_column",
+                            fix="e.g. polygon_column: polygon, mask_column: null")
         try:
             dd = datasets.load_from_disk(path)
         except (FileNotFoundError, ValueError, OSError) as exc:
-            raise DataError(f"hf_refer: cannot load dataset folder {path}: {type(exc).__name__}", fix="point data.dataset.path at a save_to_disk folder") from None
+            raise DataError(f"hf_refer: cannot load dataset folder {path}: {type(exc).__name__}",
+                            fix="point data.dataset.path at a save_to_disk folder") from None
         name = {"train": "train", "val": val_split, "test": test_split}.get(split, split)
         if not isinstance(dd, datasets.DatasetDict) or name not in dd:
             have = list(dd) if isinstance(dd, datasets.DatasetDict) else ["(a single Dataset, no splits)"]
-            raise DataError(f"hf_refer: split '{name}' not in {path}", fix=f"available: {', '.join(have)}; set val_split/test_split")
+            raise DataError(f"hf_refer: split '{name}' not in {path}",
+                            fix=f"available: {', '.join(have)}; set val_split/test_split")
         ds = dd[name]
         target = mask_column or polygon_column
         missing = [c for c in (image_column, text_column, target) if c not in ds.column_names]
         if missing:
-            raise DataError(f"hf_refer: columns {missing} not in {path}", fix=f"columns are: {', '.join(ds.column_names)}")
+            raise DataError(f"hf_refer: columns {missing} not in {path}",
+                            fix=f"columns are: {', '.join(ds.column_names)}")
         if image_column in ds.features and isinstance(ds.features[image_column], datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: bad files are skipped
         self.data = ds

@@ -120,17 +120,20 @@ class RefCOCODataset(ReferringImageDataset):
         inst_path = base / "instances.json"
         for p in (refs_path, inst_path):
             if not p.is_file():
-                raise DataError(f"refcoco: file not found: {p}", fix="set data.dataset.root to the folder holding <dataset>/")
+                raise DataError(f"refcoco: file not found: {p}",
+                                fix="set data.dataset.root to the folder holding <dataset>/")
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
-            raise DataError(f"refcoco: image folder not found: {self.image_dir}", fix="set data.dataset.image_dir (COCO train2014)")
+            raise DataError(f"refcoco: image folder not found: {self.image_dir}",
+                            fix="set data.dataset.image_dir (COCO train2014)")
         try:
             with open(refs_path, "rb") as f:
                 refs = pickle.load(f)  # the user's own data file (see module docstring)
             with open(inst_path) as f:
                 instances = json.load(f)
         except (OSError, pickle.UnpicklingError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"refcoco: cannot read {refs_path.parent}: {type(exc).__name__}: {exc}", fix="re-download the annotations") from None
+            raise DataError(f"refcoco: cannot read {refs_path.parent}: {type(exc).__name__}: {exc}",
+                            fix="re-download the annotations") from None
         self.images = {int(im["id"]): im for im in instances["images"]}
         self.anns = {int(a["id"]): a for a in instances["annotations"]}
         self.categories = {int(c["id"]): str(c["name"]) for c in instances.get("categories", [])}

@@ -299,7 +299,7 @@ class SyntheticReferringDataset(Dataset):
                 described = _descriptions(
                     objects, int(target), "relation" in self.forms, self.image_size, self.target_attributes
                 )
-                forms = [f for name, f in zip(FORMS, described) if f and name in self.forms]
+                forms = [f for name, f in zip(FORMS, described, strict=True) if f and name in self.forms]
                 if forms:
                     choices = forms[rng.integers(len(forms))]
                     expression = choices[rng.integers(len(choices))]

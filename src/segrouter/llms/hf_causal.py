@@ -70,7 +70,8 @@ class HFCausalLM(CausalLLM):
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         core = model.model
-        missing = [a for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp") if not hasattr(core.layers[0], a)]
+        missing = [a for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+                   if not hasattr(core.layers[0], a)]
         if missing:
             raise ParamError(
                 f"{type(model).__name__} decoder layers lack {missing}",

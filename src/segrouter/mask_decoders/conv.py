@@ -40,7 +40,8 @@ class ConvDecoder(MaskDecoder):
         self.pixels = nn.Sequential(*layers)
         out = 2 * embed_dim if conditioning == "film" else embed_dim
         self.prompt_mlp = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, out))
-        self.head = nn.Sequential(nn.Conv2d(embed_dim, embed_dim, 3, padding=1), nn.GELU(), nn.Conv2d(embed_dim, 1, 1)) if conditioning == "film" else None
+        self.head = (nn.Sequential(nn.Conv2d(embed_dim, embed_dim, 3, padding=1), nn.GELU(), nn.Conv2d(embed_dim, 1, 1))
+                     if conditioning == "film" else None)
         self.bias = nn.Parameter(torch.zeros(1))
 
     @staticmethod

@@ -91,13 +91,15 @@ class SegmentationMLLM(L.LightningModule):
         self.cfg = cfg
         m = cfg.model
         self.image_size = int(m.image_size)
-        self.vision = registry("vision_encoder").build(component(cfg, "model.vision_encoder"), self.image_size, where="model.vision_encoder")
+        self.vision = registry("vision_encoder").build(component(cfg, "model.vision_encoder"), self.image_size,
+                                                       where="model.vision_encoder")
         self.llm = registry("llm").build(component(cfg, "model.llm"), tokenizer, where="model.llm")
         self.compressor = registry("compressor").build(
             component(cfg, "model.compressor"), self.vision.out_dim, self.llm.hidden_size, self.vision.grid_size,
             where="model.compressor",
         )
-        self.routing: RoutingStrategy = registry("routing").build(component(cfg, "model.routing"), where="model.routing")
+        self.routing: RoutingStrategy = registry("routing").build(component(cfg, "model.routing"),
+                                                                  where="model.routing")
         with recipe_path("model.routing"):
             self.routing.setup(self.llm)
         self.mask_encoder = None
@@ -112,7 +114,8 @@ class SegmentationMLLM(L.LightningModule):
             where="model.mask_decoder",
         )
         d = self.llm.hidden_size
-        self.text_proj = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, self.mask_decoder.prompt_dim))
+        self.text_proj = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True),
+                                       nn.Linear(d, self.mask_decoder.prompt_dim))
         if m.lora.enabled:
             apply_lora(self.llm, m.lora)
         if m.freeze_vision:
@@ -125,7 +128,9 @@ class SegmentationMLLM(L.LightningModule):
         for name in m.freeze:
             parts[name].requires_grad_(False)
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-        self.mask_token_ids = [int(i) for i in tokenizer.convert_tokens_to_ids(mask_token_names(int(m.num_mask_tokens)))]
+        self.mask_token_ids = [
+            int(i) for i in tokenizer.convert_tokens_to_ids(mask_token_names(int(m.num_mask_tokens)))
+        ]
         self.loss_w = m.loss
         self.eval_metrics = nn.ModuleDict(
             {s: MetricCollection(dict(zip(EVAL_IOU, (GIoU(), CIoU()), strict=True)), prefix=f"{s}/") for s in SPLITS}
@@ -293,7 +298,8 @@ class SegmentationMLLM(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         out = self(batch)
-        return {"id": batch["id"], "masks": out["masks"] > 0, "logits": out["masks"], "visual_tokens": out["visual_tokens"]}
+        return {"id": batch["id"], "masks": out["masks"] > 0, "logits": out["masks"],
+                "visual_tokens": out["visual_tokens"]}
 
     # ---------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:

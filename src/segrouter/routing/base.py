@@ -215,7 +215,8 @@ def top_image_tokens(scores: torch.Tensor, image: torch.Tensor, keep: torch.Tens
     """Mask (B, L) of the ``keep[b]`` highest-scoring ``image`` tokens of each sample (ties: earlier first)."""
     ranked = scores.detach().masked_fill(~image, float("-inf"))
     order = ranked.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(1, order,
+                                            torch.arange(order.shape[1], device=order.device).expand_as(order))
     return image & (rank < keep[:, None])
 
 
@@ -276,7 +277,8 @@ def attention_residual(
     layer: nn.Module, hidden: torch.Tensor, bias: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
     """``h + Attn(norm(h))``: the first half of a pre-norm decoder layer."""
-    out, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=position_embeddings, attention_mask=bias)
+    out, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=position_embeddings,
+                             attention_mask=bias)
     return hidden + out
 
 

@@ -116,7 +116,8 @@ class MixtureOfDepths(RoutingStrategy):
             active = valid & (~image | top_image_tokens(score, image, quota))
             idx, ok = select(active)
             hp, pp = gather(h, idx), gather(pos, idx)
-            out = run_layer(llm, layer, hp, attention_bias(pp, ok, pp, ok, h.dtype), (gather(cos, idx), gather(sin, idx)), pp)
+            out = run_layer(llm, layer, hp, attention_bias(pp, ok, pp, ok, h.dtype),
+                            (gather(cos, idx), gather(sin, idx)), pp)
             # out + (w - 1)(out - hp) = hp + w·update, with w = 1 + alpha·tanh(score) on image tokens, 1 elsewhere
             excess = torch.where(gather(image, idx), self.alpha * torch.tanh(gather(score, idx)), 0.0)
             self.stats.record(active, active)

@@ -63,7 +63,7 @@ class PyramidDrop(RoutingStrategy):
                 f"got {len(layers)} stage boundaries and {len(keep)} keep ratios",
                 fix="give one keep ratio per boundary in 'layers'",
             )
-        if any(not 0.0 < r <= 1.0 for r in keep) or any(a < b for a, b in zip(keep, keep[1:])):
+        if any(not 0.0 < r <= 1.0 for r in keep) or any(a < b for a, b in zip(keep, keep[1:], strict=False)):
             raise ParamError(
                 f"keep ratios {list(keep)} must lie in (0, 1] and never increase",
                 param="keep",
@@ -80,13 +80,13 @@ class PyramidDrop(RoutingStrategy):
     def setup(self, llm: CausalLLM) -> None:
         n = llm.num_layers
         resolved = [resolve_layer(v, n, rounding="nearest") for v in self.layers]
-        if any(b < 1 or b >= n for b in resolved) or any(a >= b for a, b in zip(resolved, resolved[1:])):
+        if any(b < 1 or b >= n for b in resolved) or any(a >= b for a, b in zip(resolved, resolved[1:], strict=False)):
             raise ParamError(
                 f"stage boundaries resolve to layers {resolved} of a {n}-layer LLM",
                 param="layers",
                 fix=f"use strictly increasing layers in [1, {n - 1}]",
             )
-        self.boundaries = dict(zip(resolved, self.keep))
+        self.boundaries = dict(zip(resolved, self.keep, strict=True))
 
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
         h = seq.embeds

@@ -37,7 +37,7 @@ def border_lengths(labels: np.ndarray) -> dict[int, dict[int, int]]:
     lo, hi = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
     codes, counts = np.unique(lo * k + hi, return_counts=True)
     adj: dict[int, dict[int, int]] = {i: {} for i in range(k)}
-    for code, n in zip(codes.tolist(), counts.tolist()):
+    for code, n in zip(codes.tolist(), counts.tolist(), strict=True):
         x, y = divmod(code, k)
         adj[x][y] = adj[y][x] = n
     return adj

@@ -236,7 +236,8 @@ class ParameterSummary(ModelSummary):
         table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
                                       total_flops, *columns)
         table = table.rsplit("\n", 1)[0]  # the "Total Flops" line
-        summary_log.info("\n" + table + "\nLLM FLOPs per sample: counted on validation batches, logged as val/llm_flops")
+        summary_log.info("\n" + table + "\nLLM FLOPs per sample: counted on validation batches, "
+                         "logged as val/llm_flops")
 
 
 class HeldBanner(Callback):
@@ -307,7 +308,8 @@ def compiled(model: L.LightningModule, cfg: DictConfig) -> L.LightningModule:
     return torch.compile(model, backend=c.backend, mode=c.mode)  # type: ignore[return-value]
 
 
-def build_trainer(cfg: DictConfig, version: int | str | None = None, extra_callbacks: list[Callback] | None = None) -> L.Trainer:
+def build_trainer(cfg: DictConfig, version: int | str | None = None,
+                  extra_callbacks: list[Callback] | None = None) -> L.Trainer:
     t = cfg.trainer
     loggers = build_loggers(cfg, version)
     files = [lg for lg in loggers if isinstance(lg, (CSVLogger, TensorBoardLogger))]

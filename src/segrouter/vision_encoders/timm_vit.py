@@ -53,7 +53,8 @@ class TimmViT(VisionEncoder):
                 fix="choose a patch size that divides the image size",
             )
         if model_name:
-            self.vit = timm.create_model(model_name, pretrained=False, img_size=image_size, num_classes=0, global_pool="")
+            self.vit = timm.create_model(model_name, pretrained=False, img_size=image_size, num_classes=0,
+                                         global_pool="")
         else:
             self.vit = VisionTransformer(
                 img_size=image_size,
