@@ -188,6 +188,32 @@ def test_one_attribute_leaves_the_other_to_the_image() -> None:
     assert kinds == {"colour", "shape"}
 
 
+def test_naming_share_calls_that_share_of_training_targets_by_colour_only() -> None:
+    """A naming exercise in the training split only: "the red shape" (its colour unique in the scene), whose
+    shape the answer names; with a share of 0 the stream is the one without the option, sample for sample."""
+    plain = SyntheticReferringDataset("train", num_samples=N, **VISION_ONLY)
+    assert [plain.scene(i).expression.text for i in range(20)] == [
+        SyntheticReferringDataset("train", num_samples=N, naming_share=0.0, **VISION_ONLY).scene(i).expression.text
+        for i in range(20)]
+    mixed = SyntheticReferringDataset("train", num_samples=N, naming_share=0.5, **VISION_ONLY)
+    named = 0
+    for i in range(N):
+        scene = mixed.scene(i)
+        phrase, target = scene.expression.target, scene.objects[scene.target]
+        if phrase.colour is not None:  # the exercise: the colour alone, unique in the scene
+            assert phrase.shape is None and phrase.modifier is None and scene.expression.relation is None
+            assert phrase.colour == target.colour
+            assert describe_matches(scene.objects, scene.expression.text) == [scene.target]
+            named += 1
+    assert 0.35 < named / N < 0.65
+    for split in ("val", "test"):  # evaluation never sees it
+        a = SyntheticReferringDataset(split, num_samples=N, naming_share=0.5, **VISION_ONLY)
+        b = SyntheticReferringDataset(split, num_samples=N, **VISION_ONLY)
+        assert len(a) == len(b)
+        assert [a.scene(i).expression.text for i in range(len(a))] == [b.scene(i).expression.text
+                                                                    for i in range(len(b))]
+
+
 def test_one_object_scenes_are_just_the_shape() -> None:
     ds = SyntheticReferringDataset("train", num_samples=20, min_objects=1, max_objects=1, forms=("attribute",),
                                    target_attributes="none")
@@ -204,6 +230,7 @@ def test_one_object_scenes_are_just_the_shape() -> None:
          "needs at least max_objects=3 pairs"),
         ({"target_attributes": "none", "forms": ("attribute",)}, "add position, size or relation"),
         ({"target_attributes": False}, "target_attributes must be one of any, one, none"),
+        ({"naming_share": 1.5}, "naming_share must be in [0, 1], got 1.5"),
     ],
 )
 def test_vision_dependent_settings_are_checked(params: dict, fragment: str) -> None:

@@ -32,7 +32,9 @@ design choices serve that purpose:
   target's name is then unique in its scene and can only be read from the image. ``one`` names at most
   one of the two ("the red shape", "the circle"): the other must be read off the object the text picks
   out. This is the benchmark on which a token-reduction method can lose accuracy (``recipes/visref.yaml``,
-  docs/results.md).
+  docs/results.md). ``naming_share`` mixes a naming exercise into the training split only: that share of
+  its samples calls the target by its colour alone ("the red shape"), when no other object has that
+  colour, so its shape must be read from the image; the validation and test splits are unchanged.
 
 Generation takes about 0.6 ms per 64x64 sample on one CPU core (measured), far below a training step.
 """
@@ -224,6 +226,7 @@ class SyntheticReferringDataset(Dataset):
         noise: float = 0.03,
         distinct: Literal["none", "pairs", "colours"] = "none",
         target_attributes: Literal["any", "one", "none"] = "any",
+        naming_share: float = 0.0,
     ) -> None:
         if split not in SPLITS:
             raise DataError(f"unknown split '{split}'", fix=f"valid splits: {', '.join(SPLITS)}")
@@ -237,6 +240,7 @@ class SyntheticReferringDataset(Dataset):
         self.min_size, self.max_size = min_size, max_size
         self.noise = noise
         self.distinct, self.target_attributes = distinct, target_attributes
+        self.naming_share = naming_share if split == "train" else 0.0  # evaluation splits stay as they are
         self._length = num_samples if split == "train" else max(1, num_samples // 4)
         centres = np.arange(image_size, dtype=np.float32) + 0.5  # pixel centres
         self._ys, self._xs = np.meshgrid(centres, centres, indexing="ij")
@@ -257,6 +261,7 @@ class SyntheticReferringDataset(Dataset):
         )
         _check(0.0 < min_size <= max_size <= 0.8, f"need 0 < min_size <= max_size <= 0.8, got {min_size}, {max_size}")
         _check(0.0 <= noise <= 0.5, f"noise must be in [0, 0.5], got {noise}")
+        _check(0.0 <= p["naming_share"] <= 1.0, f"naming_share must be in [0, 1], got {p['naming_share']}")
         for name, chosen, known in (("shapes", shapes, SHAPES), ("colours", colours, COLOURS), ("forms", forms, FORMS)):
             unknown = [c for c in chosen if c not in known]
             _check(bool(chosen) and not unknown, f"{name} must be a non-empty subset of {', '.join(known)}")
@@ -295,6 +300,11 @@ class SyntheticReferringDataset(Dataset):
             objects = self._place_objects(rng)
             if objects is None:
                 continue
+            if self.naming_share and rng.random() < self.naming_share:  # "the red shape": its shape is read
+                for target in rng.permutation(len(objects)):
+                    phrase = NounPhrase(objects[target].colour)
+                    if _attribute_matches(phrase, objects) == [target]:
+                        return Scene(self._render(objects, rng), objects, int(target), Expression(phrase))
             for target in rng.permutation(len(objects)):
                 described = _descriptions(
                     objects, int(target), "relation" in self.forms, self.image_size, self.target_attributes
