@@ -525,6 +525,25 @@ def test_argparse_errors_are_one_line(argv: list[str], capsys: pytest.CaptureFix
     _check(argv, capsys)
 
 
+COMMAND_VALUES = [
+    (["bench", "--recipe", TINY, "--vs", TINY, "--text-tokens", "-3"], "--text-tokens: expected a whole number >= 0"),
+    (["bench", "--recipe", TINY, "--vs", TINY, "--batch", "0"], "--batch: expected a whole number >= 1"),
+    (["bench", "--recipe", TINY, "--vs", TINY, "--repeats", "two"], "--repeats: expected a whole number >= 1"),
+    (["bench", "--recipe", TINY, "--vs", TINY, "--random-init", "llama-9b"], "unknown shape 'llama-9b'"),
+    (["analyze", "attention", "--recipe", TINY, "--batches", "0"], "--batches: expected a whole number >= 1"),
+    (["compare", "/no/such/run"], "no run folder found: /no/such/run"),
+    (["compare", "RUN", "--metric", "val/cIoU"], "no run logs val/cIoU (did you mean 'val/ciou'?)"),
+    (["compare", "RUN", "--format", "html"], "invalid choice: 'html'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "fragment"), COMMAND_VALUES, ids=[" ".join(a[:4]) for a, _ in COMMAND_VALUES])
+def test_bad_command_values_are_one_line(argv: list[str], fragment: str, run_root: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    run = str(run_root / "tiny" / "version_0")
+    _check([run if a == "RUN" else a for a in argv], capsys, fragment)
+
+
 @pytest.mark.parametrize("kind", ["vision_encodr", "routings"])
 def test_list_unknown_kind(kind: str, capsys: pytest.CaptureFixture[str]) -> None:
     _check(["list", kind], capsys, "unknown component kind")

@@ -98,3 +98,28 @@ def test_deepspeed_checkpoint_consolidates_and_predicts(tmp_path: Path) -> None:
     assert main(["predict", "--recipe", TINY, "--ckpt", str(tmp_path / "model.ckpt"), "--image", str(img),
                  "--text", "the shape", "--out", str(tmp_path / "m.png")]) == 0
     assert np.asarray(Image.open(tmp_path / "m.png")).shape == (24, 40)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--device", "gpu0"], "unknown --device 'gpu0' — use cpu, cuda or cuda:N"),
+        (["--device", "cuda:99"], "--device cuda:99: this machine has"),
+        (["--device", "meta"], "--device meta: predict runs on cpu or cuda"),
+        (["--out", "OUTDIR"], "is a folder — name a .png file to write"),
+        (["--out", "AFILE/m.png"], "cannot be written: "),
+        (["--overlay", "AFILE/sub/o.png"], "cannot be written: "),
+    ],
+)
+def test_bad_device_or_output_path_is_one_line_before_the_model(ckpt: Path, tmp_path: Path, extra: list[str],
+                                                                fragment: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    img = _image(tmp_path / "in.png")
+    (tmp_path / "OUTDIR").mkdir()
+    (tmp_path / "AFILE").write_text("a file where a folder would go")
+    extra = [str(tmp_path / e) if e.startswith(("OUTDIR", "AFILE")) else e for e in extra]
+    out = [] if "--out" in extra else ["--out", str(tmp_path / "m.png")]
+    rc = main(["predict", "--recipe", TINY, "--ckpt", str(ckpt), "--image", str(img), "--text", "a", *out, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and fragment in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "m.png").exists()

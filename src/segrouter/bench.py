@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from segrouter.arguments import at_least
 from segrouter.errors import SegrouterError
 from segrouter.flops import META, count_flops, count_meta_flops
 from segrouter.geometry import grid_coords
@@ -355,15 +356,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="recipe A (the candidate)")
     p.add_argument("--vs", required=True, help="recipe B (the reference)")
     p.add_argument("--random-init", metavar="SHAPE", help=f"bench a random LLM of a named shape: {', '.join(SHAPES)}")
-    p.add_argument("--num-layers", type=int, help="override the shape's depth (e.g. to fit CPU memory)")
-    p.add_argument("--image-tokens", type=int, default=576, help="--random-init: image tokens of each sequence")
-    p.add_argument("--candidate-image-tokens", type=int, metavar="N",
+    p.add_argument("--num-layers", type=at_least(1), help="override the shape's depth (e.g. to fit CPU memory)")
+    p.add_argument("--image-tokens", type=at_least(1), default=576, help="--random-init: image tokens of each sequence")
+    p.add_argument("--candidate-image-tokens", type=at_least(1), metavar="N",
                    help="--random-init: recipe A gets N image tokens instead (a compressor, e.g. 40 superpixels)")
-    p.add_argument("--text-tokens", type=int, default=32)
-    p.add_argument("--num-mask-tokens", type=int, default=1)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--text-tokens", type=at_least(0), default=32)
+    p.add_argument("--num-mask-tokens", type=at_least(1), default=1)
+    p.add_argument("--batch", type=at_least(1), default=1)
+    p.add_argument("--warmup", type=at_least(0), default=2)
+    p.add_argument("--repeats", type=at_least(1), default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--flops-only", action="store_true",

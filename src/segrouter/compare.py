@@ -30,7 +30,8 @@ from typing import Literal
 
 import yaml
 
-from segrouter.errors import SegrouterError
+from segrouter.errors import SegrouterError, did_you_mean
+from segrouter.metric_names import EVAL, TRAIN
 
 Format = Literal["table", "markdown", "csv"]
 FORMATS: tuple[str, ...] = ("table", "markdown", "csv")
@@ -247,6 +248,13 @@ def compare(
     if not run_dirs:
         raise SegrouterError("no run folders to compare", fix="pass one or more run folders")
     summaries = [summarize(Path(d), metric) for d in run_dirs]
+    if all("run folder not found" in s.notes for s in summaries):  # one missing among many is a row's note
+        raise SegrouterError(f"no run folder found: {', '.join(map(str, run_dirs))}",
+                             fix="pass run version folders or recipe folders, e.g. runs/quickstart")
+    if all(s.best_step is None for s in summaries) and any(f"no {metric} logged" in s.notes for s in summaries):
+        known = [f"{split}/{m}" for split in ("val", "test") for m in EVAL] + [f"train/{m}" for m in TRAIN]
+        raise SegrouterError(f"no run logs {metric}{did_you_mean(metric, known)}",
+                             fix="pick --metric among the metrics the runs log, e.g. val/ciou or test/ciou")
     if plot is not None:
         pareto_plot(summaries, Path(plot))
     return render(summaries, fmt)

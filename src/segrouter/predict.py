@@ -122,6 +122,22 @@ def _read(path: Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: {type(exc).__name__}", fix="pass a valid PNG/JPEG") from None
 
 
+def _device(name: str) -> torch.device:
+    """``--device``, checked before the model is built: a name torch knows, and a device this machine has."""
+    fix = "use cpu, cuda or cuda:N"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SegrouterError(f"unknown --device '{name}'", fix=fix) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SegrouterError(f"--device {name}: this machine has no CUDA device", fix="use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SegrouterError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices", fix=fix)
+    if device.type not in ("cpu", "cuda"):
+        raise SegrouterError(f"--device {name}: predict runs on cpu or cuda", fix=fix)
+    return device
+
+
 def _write(img: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")
@@ -138,15 +154,21 @@ def run(args: argparse.Namespace) -> int:
     for job in jobs:  # fail before the (slow) model build on a path typo
         if not job.image.is_file():
             raise DataError(f"image not found: {job.image}", fix="check the image path")
-        for out in (job.out, job.overlay):
-            if out is not None and out.resolve() in inputs:
+        for out in (o for o in (job.out, job.overlay) if o is not None):
+            if out.resolve() in inputs:
                 raise SegrouterError(f"output {out} is an input image, which writing it would destroy",
                                      fix="write masks and overlays to other paths")
+            if out.is_dir():
+                raise SegrouterError(f"output {out} is a folder", fix="name a .png file to write")
+            blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+            if blocked is not None:
+                raise SegrouterError(f"output {out} cannot be written: {blocked} is a file",
+                                     fix="write masks and overlays under a folder")
+    device = _device(args.device)
     cfg = load_recipe(args.recipe, args.overrides)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
     model, data = build(cfg)
     load_weights(model, ckpt)
-    device = torch.device(args.device)
     model.to(device).eval()
     for job in jobs:
         image = _read(job.image)

@@ -22,6 +22,7 @@ import torch
 
 from segrouter.analysis import tokens
 from segrouter.analysis.base import plot_per_layer
+from segrouter.arguments import at_least
 from segrouter.errors import SegrouterError
 from segrouter.routing.base import Kind, attention_bias, received_attention, run_layer
 
@@ -71,19 +72,13 @@ ANALYSES: dict[str, Callable[[Any, str, Any, list[dict[str, Any]], Path], list[P
 }
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=list(ANALYSES),
                    help="attention: per-layer attention on image tokens; tokens: per layer, where the kept (or proxy) "
                         "image tokens lie relative to the target's mask")
     p.add_argument("--recipe", required=True)
     p.add_argument("--ckpt", help="checkpoint (default: the newest run's best)")
-    p.add_argument("--batches", type=_positive, default=4, help="validation batches to average over")
+    p.add_argument("--batches", type=at_least(1), default=4, help="validation batches to average over")
     p.add_argument("--out", default=None, help="folder for WHAT.png / WHAT.json (default: the checkpoint's run folder)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
