@@ -251,8 +251,10 @@ def compare(
     if all("run folder not found" in s.notes for s in summaries):  # one missing among many is a row's note
         raise SegrouterError(f"no run folder found: {', '.join(map(str, run_dirs))}",
                              fix="pass run version folders or recipe folders, e.g. runs/quickstart")
-    if all(s.best_step is None for s in summaries) and any(f"no {metric} logged" in s.notes for s in summaries):
-        known = [f"{split}/{m}" for split in ("val", "test") for m in EVAL] + [f"train/{m}" for m in TRAIN]
+    # a metric that no run logs and segrouter never logs is a typo; a known one that these runs lack (val/ciou
+    # of evaluation-only runs) is a note in each row
+    known = [f"{split}/{m}" for split in ("val", "test") for m in EVAL] + [f"train/{m}" for m in TRAIN]
+    if metric not in known and all(s.best_step is None for s in summaries):
         raise SegrouterError(f"no run logs {metric}{did_you_mean(metric, known)}",
                              fix="pick --metric among the metrics the runs log, e.g. val/ciou or test/ciou")
     if plot is not None:
