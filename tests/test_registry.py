@@ -217,3 +217,25 @@ def test_a_second_checkout_with_the_same_plugins_is_not_a_conflict(tmp_path: Pat
     with pytest.raises(SegrouterError, match="registered twice") as err:
         load_plugins([edited])
     assert "run from the checkout segrouter is installed from" in str(err.value)
+
+
+def test_a_component_that_builds_the_wrong_type_is_one_line(tmp_path: Path) -> None:
+    """Every kind names the class its components are (registry.BASES); a factory that builds something else is
+    refused where it is built, naming the component, its source and the base class."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "not_a_strategy.py").write_text(
+        "import torch\nfrom segrouter.registry import register\n\n\n"
+        "@register('routing', 'not_a_strategy')\nclass NotAStrategy(torch.nn.Module):\n    pass\n")
+    load_plugins([plugins])
+    with pytest.raises(SegrouterError) as err:
+        registry("routing").build({"name": "not_a_strategy"}, where="model.routing")
+    line = str(err.value)
+    assert line.startswith("model.routing: routing 'not_a_strategy' (plugin ") and len(line.splitlines()) == 1
+    assert "built a NotAStrategy, not a RoutingStrategy" in line and "segrouter.routing.base.RoutingStrategy" in line
+
+
+@pytest.mark.parametrize("kind", sorted(registry_module.BASES))
+def test_every_kind_names_a_base_class(kind: str) -> None:
+    base = registry_module._base_of(kind)
+    assert isinstance(base, type) and kind in registry_module.KINDS

@@ -33,6 +33,16 @@ from typing import Any
 from segrouter.errors import RecipeError, SegrouterError, did_you_mean, recipe_path
 
 KINDS: tuple[str, ...] = ("vision_encoder", "compressor", "llm", "routing", "mask_decoder", "dataset")
+# the type each kind's factory must build, checked at every build (as detectron2's build_backbone asserts it);
+# named as module:class so that the registry imports no component code until a component is built
+BASES: dict[str, str] = {
+    "vision_encoder": "segrouter.vision_encoders.base:VisionEncoder",
+    "compressor": "segrouter.compressors.base:Compressor",
+    "llm": "segrouter.llms.base:CausalLLM",
+    "routing": "segrouter.routing.base:RoutingStrategy",
+    "mask_decoder": "segrouter.mask_decoders.base:MaskDecoder",
+    "dataset": "torch.utils.data:Dataset",
+}
 ENTRY_POINT_GROUP = "segrouter.plugins"
 PLUGIN_MODULE_PREFIX = "segrouter_plugins"
 _BUILTIN_PACKAGES = (
@@ -187,7 +197,14 @@ class Registry:
         where = where or self.kind
         entry, kwargs = self.validate(node, where)
         with recipe_path(where):
-            return entry.factory(*context, **kwargs)
+            built = entry.factory(*context, **kwargs)
+        base = _base_of(self.kind)
+        if base is not None and not isinstance(built, base):
+            raise SegrouterError(
+                f"{self.kind} '{entry.name}' ({entry.source}) built a {type(built).__name__}, not a {base.__name__}",
+                where=where, fix=f"make it a subclass of {base.__module__}.{base.__name__} (docs/plugins.md)",
+            )
+        return built
 
 
 REGISTRIES: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}
@@ -203,6 +220,14 @@ def registry(kind: str) -> Registry:
 def register(kind: str, name: str) -> Callable[[Any], Any]:
     """Decorator: ``@register("routing", "my_strategy")`` on a class or factory."""
     return _registry_of(kind).register(name)  # no loading here: the built-in packages register while they import
+
+
+def _base_of(kind: str) -> type | None:
+    """The class every component of ``kind`` is an instance of (None for a kind without one, e.g. in tests)."""
+    if kind not in BASES:
+        return None
+    module, name = BASES[kind].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _registry_of(kind: str) -> Registry:
