@@ -534,14 +534,25 @@ COMMAND_VALUES = [
     (["compare", "/no/such/run"], "no run folder found: /no/such/run"),
     (["compare", "RUN", "--metric", "val/cIoU"], "no run logs val/cIoU (did you mean 'val/ciou'?)"),
     (["compare", "RUN", "--format", "html"], "invalid choice: 'html'"),
+    (["bench", "--recipe", TINY, "--vs", TINY, "--device", "gpu0"], "unknown --device 'gpu0'"),
+    (["bench", "--recipe", TINY, "--vs", TINY, "--out", "AFILE/b.json"], "cannot be written: "),
+    (["compare", "RUN", "--plot", "AFILE/p.png"], "--plot "),
+    (["compare", "RUN", "--out", "AFILE/sub/t.md"], "--out "),
+    (["compare", "RUN", "--out", "FOLDER"], "is a folder — name a file to write"),
 ]
 
 
-@pytest.mark.parametrize(("argv", "fragment"), COMMAND_VALUES, ids=[" ".join(a[:4]) for a, _ in COMMAND_VALUES])
-def test_bad_command_values_are_one_line(argv: list[str], fragment: str, run_root: Path,
+@pytest.mark.parametrize(("argv", "fragment"), COMMAND_VALUES, ids=[" ".join(a[-2:]) for a, _ in COMMAND_VALUES])
+def test_bad_command_values_are_one_line(argv: list[str], fragment: str, run_root: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    run = str(run_root / "tiny" / "version_0")
-    _check([run if a == "RUN" else a for a in argv], capsys, fragment)
+    (tmp_path / "afile").write_text("a file where a folder would go")
+    (tmp_path / "folder").mkdir()
+    paths = {"RUN": str(run_root / "tiny" / "version_0"), "AFILE": str(tmp_path / "afile"),
+             "FOLDER": str(tmp_path / "folder")}
+    argv = [paths[a.partition("/")[0]] + "".join(a.partition("/")[1:]) if a.partition("/")[0] in paths else a
+            for a in argv]
+    _check(argv, capsys, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]  # nothing written
 
 
 @pytest.mark.parametrize("kind", ["vision_encodr", "routings"])

@@ -105,8 +105,8 @@ def test_deepspeed_checkpoint_consolidates_and_predicts(tmp_path: Path) -> None:
     [
         (["--device", "gpu0"], "unknown --device 'gpu0' — use cpu, cuda or cuda:N"),
         (["--device", "cuda:99"], "--device cuda:99: this machine has"),
-        (["--device", "meta"], "--device meta: predict runs on cpu or cuda"),
-        (["--out", "OUTDIR"], "is a folder — name a .png file to write"),
+        (["--device", "meta"], "--device meta: segrouter runs on cpu or cuda"),
+        (["--out", "OUTDIR"], "is a folder — name a file to write"),
         (["--out", "AFILE/m.png"], "cannot be written: "),
         (["--overlay", "AFILE/sub/o.png"], "cannot be written: "),
     ],

@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from segrouter.arguments import at_least
+from segrouter import arguments
+from segrouter.arguments import at_least, output_file
 from segrouter.errors import SegrouterError
 from segrouter.flops import META, count_flops, count_meta_flops
 from segrouter.geometry import grid_coords
@@ -217,9 +218,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.flops_only and not args.random_init:
         raise SegrouterError("--flops-only counts a named LLM shape on meta tensors, so it needs --random-init",
                              fix=f"add --random-init SHAPE ({', '.join(SHAPES)})")
-    device = torch.device("cpu" if args.flops_only else args.device)  # flops-only: the token bookkeeping's device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SegrouterError("--device cuda but no CUDA device is visible", fix="use --device cpu")
+    if args.out:
+        output_file(args.out, "--out")
+    # flops-only: the token bookkeeping's device
+    device = torch.device("cpu") if args.flops_only else arguments.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.candidate_image_tokens is not None and not args.random_init:
         raise SegrouterError("--candidate-image-tokens only applies with --random-init",

@@ -30,6 +30,7 @@ from typing import Literal
 
 import yaml
 
+from segrouter.arguments import output_file
 from segrouter.errors import SegrouterError, did_you_mean
 from segrouter.metric_names import EVAL, TRAIN
 
@@ -272,6 +273,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for path, flag in ((args.out, "--out"), (args.plot, "--plot")):
+        if path:
+            output_file(path, flag)
     text = compare(args.runs, metric=args.metric, plot=args.plot, fmt=args.format)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

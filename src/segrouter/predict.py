@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from segrouter import arguments
+from segrouter.arguments import output_file
 from segrouter.errors import DataError, SegrouterError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -122,22 +124,6 @@ def _read(path: Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: {type(exc).__name__}", fix="pass a valid PNG/JPEG") from None
 
 
-def _device(name: str) -> torch.device:
-    """``--device``, checked before the model is built: a name torch knows, and a device this machine has."""
-    fix = "use cpu, cuda or cuda:N"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SegrouterError(f"unknown --device '{name}'", fix=fix) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SegrouterError(f"--device {name}: this machine has no CUDA device", fix="use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SegrouterError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices", fix=fix)
-    if device.type not in ("cpu", "cuda"):
-        raise SegrouterError(f"--device {name}: predict runs on cpu or cuda", fix=fix)
-    return device
-
-
 def _write(img: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")
@@ -158,13 +144,8 @@ def run(args: argparse.Namespace) -> int:
             if out.resolve() in inputs:
                 raise SegrouterError(f"output {out} is an input image, which writing it would destroy",
                                      fix="write masks and overlays to other paths")
-            if out.is_dir():
-                raise SegrouterError(f"output {out} is a folder", fix="name a .png file to write")
-            blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-            if blocked is not None:
-                raise SegrouterError(f"output {out} cannot be written: {blocked} is a file",
-                                     fix="write masks and overlays under a folder")
-    device = _device(args.device)
+            output_file(out, "output")
+    device = arguments.device(args.device)
     cfg = load_recipe(args.recipe, args.overrides)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
     model, data = build(cfg)
