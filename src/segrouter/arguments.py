@@ -31,7 +31,7 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def device(name: str) -> torch.device:
+def checked_device(name: str) -> torch.device:
     """``--device``: a name torch knows, of a device this machine has (cpu, cuda, cuda:N)."""
     import torch  # not at import: the CLI parses its arguments before the seconds-long torch import
 
@@ -55,7 +55,12 @@ def output_file(path: str | Path, what: str) -> Path:
     out = Path(path)
     if out.is_dir():
         raise SegrouterError(f"{what} {out} is a folder", fix="name a file to write")
-    blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    blocked = file_in_the_way(out.parent)
     if blocked is not None:
         raise SegrouterError(f"{what} {out} cannot be written: {blocked} is a file", fix="name a file under a folder")
     return out
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file that stands at ``folder`` or at one of its parents, where a folder must be (None: none does)."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)

@@ -32,8 +32,7 @@ from typing import Any
 
 import torch
 
-from segrouter import arguments
-from segrouter.arguments import at_least, output_file
+from segrouter.arguments import at_least, checked_device, output_file
 from segrouter.errors import SegrouterError
 from segrouter.flops import META, count_flops, count_meta_flops
 from segrouter.geometry import grid_coords
@@ -221,7 +220,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         output_file(args.out, "--out")
     # flops-only: the token bookkeeping's device
-    device = torch.device("cpu") if args.flops_only else arguments.device(args.device)
+    device = torch.device("cpu") if args.flops_only else checked_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.candidate_image_tokens is not None and not args.random_init:
         raise SegrouterError("--candidate-image-tokens only applies with --random-init",

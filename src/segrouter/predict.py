@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from segrouter import arguments
-from segrouter.arguments import output_file
+from segrouter.arguments import checked_device, output_file
 from segrouter.errors import DataError, SegrouterError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -145,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                 raise SegrouterError(f"output {out} is an input image, which writing it would destroy",
                                      fix="write masks and overlays to other paths")
             output_file(out, "output")
-    device = arguments.device(args.device)
+    device = checked_device(args.device)
     cfg = load_recipe(args.recipe, args.overrides)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
     model, data = build(cfg)

@@ -22,7 +22,7 @@ import torch
 
 from segrouter.analysis import tokens
 from segrouter.analysis.base import plot_per_layer
-from segrouter.arguments import at_least
+from segrouter.arguments import at_least, file_in_the_way
 from segrouter.errors import SegrouterError
 from segrouter.routing.base import Kind, attention_bias, received_attention, run_layer
 
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
     out = Path(args.out) if args.out else Path(ckpt).resolve().parent.parent
-    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    blocked = file_in_the_way(out)
     if blocked is not None:
         raise SegrouterError(f"--out {out}: {blocked} is a file", fix="name a folder for the analysis' .png and .json")
     model, data = build(cfg)
