@@ -32,7 +32,7 @@ import yaml
 
 from segrouter.arguments import output_file
 from segrouter.errors import SegrouterError, did_you_mean
-from segrouter.metric_names import EVAL, TRAIN
+from segrouter.metric_names import EVAL, monitorable
 
 Format = Literal["table", "markdown", "csv"]
 FORMATS: tuple[str, ...] = ("table", "markdown", "csv")
@@ -254,7 +254,7 @@ def compare(
                              fix="pass run version folders or recipe folders, e.g. runs/quickstart")
     # a metric that no run logs and segrouter never logs is a typo; a known one that these runs lack (val/ciou
     # of evaluation-only runs) is a note in each row
-    known = [f"{split}/{m}" for split in ("val", "test") for m in EVAL] + [f"train/{m}" for m in TRAIN]
+    known = [*monitorable(), *(f"test/{m}" for m in EVAL)]
     if metric not in known and all(s.best_step is None for s in summaries):
         raise SegrouterError(f"no run logs {metric}{did_you_mean(metric, known)}",
                              fix="pick --metric among the metrics the runs log, e.g. val/ciou or test/ciou")
