@@ -532,13 +532,13 @@ COMMAND_VALUES = [
     (["bench", "--recipe", TINY, "--vs", TINY, "--random-init", "llama-9b"], "unknown shape 'llama-9b'"),
     (["analyze", "attention", "--recipe", TINY, "--batches", "0"], "--batches: expected a whole number >= 1"),
     (["compare", "/no/such/run"], "no run folder found: /no/such/run"),
-    (["compare", "RUN", "--metric", "val/cIoU"], "no run logs val/cIoU (did you mean 'val/ciou'?)"),
-    (["compare", "RUN", "--format", "html"], "invalid choice: 'html'"),
+    (["compare", "{run}", "--metric", "val/cIoU"], "no run logs val/cIoU (did you mean 'val/ciou'?)"),
+    (["compare", "{run}", "--format", "html"], "invalid choice: 'html'"),
     (["bench", "--recipe", TINY, "--vs", TINY, "--device", "gpu0"], "unknown --device 'gpu0'"),
-    (["bench", "--recipe", TINY, "--vs", TINY, "--out", "AFILE/b.json"], "cannot be written: "),
-    (["compare", "RUN", "--plot", "AFILE/p.png"], "--plot "),
-    (["compare", "RUN", "--out", "AFILE/sub/t.md"], "--out "),
-    (["compare", "RUN", "--out", "FOLDER"], "is a folder — name a file to write"),
+    (["bench", "--recipe", TINY, "--vs", TINY, "--out", "{afile}/b.json"], "cannot be written: "),
+    (["compare", "{run}", "--plot", "{afile}/p.png"], "--plot "),
+    (["compare", "{run}", "--out", "{afile}/sub/t.md"], "--out "),
+    (["compare", "{run}", "--out", "{folder}"], "is a folder — name a file to write"),
 ]
 
 
@@ -547,10 +547,8 @@ def test_bad_command_values_are_one_line(argv: list[str], fragment: str, run_roo
                                          capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "afile").write_text("a file where a folder would go")
     (tmp_path / "folder").mkdir()
-    paths = {"RUN": str(run_root / "tiny" / "version_0"), "AFILE": str(tmp_path / "afile"),
-             "FOLDER": str(tmp_path / "folder")}
-    argv = [paths[a.partition("/")[0]] + "".join(a.partition("/")[1:]) if a.partition("/")[0] in paths else a
-            for a in argv]
+    paths = {"run": run_root / "tiny" / "version_0", "afile": tmp_path / "afile", "folder": tmp_path / "folder"}
+    argv = [a.format(**paths) for a in argv]
     _check(argv, capsys, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]  # nothing written
 
