@@ -71,7 +71,8 @@ def test_lengths() -> None:
 def test_items_have_documented_shapes_dtypes_and_ranges(train: SyntheticReferringDataset) -> None:
     for i in range(0, N, 10):
         item = train[i]
-        assert set(item) == {"image", "mask", "text", "id", "target"}
+        assert set(item) == {"image", "mask", "text", "id", "target", "semantic"}
+        assert item["semantic"].dtype == torch.int64 and item["semantic"].shape == (2, 64, 64)
         image, mask = item["image"], item["mask"]
         assert image.dtype == torch.float32 and image.shape == (3, 64, 64)
         assert 0.0 <= image.min() and image.max() <= 1.0

@@ -289,3 +289,59 @@ def test_freeze_keeps_the_named_parts_fixed(tmp_path: Path) -> None:
 def test_conv_stem_projects_to_the_width_a_decoder_was_trained_on() -> None:
     stem = ConvStem(64, channels=8, depth=3, stride=4, out_dim=128)
     assert stem.out_dim == 128 and stem(torch.rand(2, 3, 64, 64)).shape == (2, 128, 16, 16)
+
+
+def test_semantic_maps_give_every_pixel_its_objects_class() -> None:
+    from segrouter.datasets.synthetic import SyntheticReferringDataset
+
+    ds = SyntheticReferringDataset("train", num_samples=8, image_size=32, colours=("red", "blue"),
+                                   shapes=("circle", "square"))
+    assert ds.semantic_classes == {"colour": ["red", "blue"], "shape": ["circle", "square"]}
+    for i in range(8):
+        scene, semantic = ds.scene(i), ds[i]["semantic"]
+        assert semantic.dtype == torch.int64 and semantic.shape == (2, 32, 32)
+        expected = torch.zeros(2, 32, 32, dtype=torch.int64)
+        for o in scene.objects:
+            expected[0, torch.from_numpy(o.mask)] = 1 + ["red", "blue"].index(o.colour)
+            expected[1, torch.from_numpy(o.mask)] = 1 + ["circle", "square"].index(o.shape)
+        assert torch.equal(semantic, expected) and bool((semantic == 0).any())
+
+
+def test_the_semantic_loss_trains_the_vision_encoder(tmp_path: Path) -> None:
+    """With every other loss weighed 0 the semantic head alone still gives the ViT a gradient; at weight 0 the
+    model has no head and the loss no semantic part."""
+    zero = ["model.loss.ce_weight=0", "model.loss.bce_weight=0", "model.loss.dice_weight=0"]
+    model, data = build_model(tiny_cfg(tmp_path, "model.loss.semantic_weight=2", *zero))
+    batch = data.collate([data.dataset("train")[i] for i in range(4)], train=True)
+    assert batch["semantic"].shape == (4, 2, 32, 32)
+    assert model.semantic_head is not None  # tiny: 4 colours, 3 shapes, each + background, on a 2x2 finer grid
+    assert model.semantic_head.out_channels == (5 + 4) * 4
+    parts = model.losses(model(batch), batch["mask"], batch["semantic"])
+    assert torch.isclose(parts["loss"], 2 * parts["semantic"]) and parts["semantic"] > 0
+    parts["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters() if p.requires_grad)
+    with pytest.raises(SegrouterError, match="the batch has no per-pixel classes"):
+        model.losses(model(batch), batch["mask"])
+    plain, _ = build_model(tiny_cfg(tmp_path))
+    assert plain.semantic_head is None
+    assert "semantic" not in plain.losses(plain(batch), batch["mask"], batch["semantic"])
+
+
+def test_the_semantic_loss_is_logged_and_refused_without_classes(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}", "model.loss.semantic_weight=1"]) == 0
+    rows = _metrics(tmp_path / "tiny" / "version_0")
+    assert any(r.get("train/semantic") for r in rows)
+    from segrouter.model.module import SegmentationMLLM
+
+    cfg = tiny_cfg(tmp_path, "model.loss.semantic_weight=1")
+    _, data = build_model(tiny_cfg(tmp_path))
+    with pytest.raises(RecipeError, match="model.loss.semantic_weight needs per-pixel classes, which the synthetic "
+                                          "dataset does not give"):
+        SegmentationMLLM(cfg, data.tokenizer)  # as for a dataset without semantic_classes
+    os.environ.pop("SEGROUTER_RUN_VERSION", None)
+    capsys.readouterr()
+    assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}", "name=bad", "model.loss.semantic_weight=-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.loss.semantic_weight" in err[0], err
+    assert not (tmp_path / "bad").exists()

@@ -32,8 +32,8 @@ def build(cfg: DictConfig, *, init_weights: bool = False) -> tuple[SegmentationM
     vocab = dataset_vocabulary(cfg) + template_words(cfg.data.prompt, cfg.data.answer)
     tokenizer = build_tokenizer(cfg.model.llm.get("path"), vocab, cfg.model.num_mask_tokens)
     data = SegDataModule(cfg, tokenizer)
-    data.dataset("val")  # dataset parameter checks fail here, before the model is built or a run folder exists
-    model = SegmentationMLLM(cfg, tokenizer)
+    val = data.dataset("val")  # dataset parameter checks fail here, before the model is built or a run folder exists
+    model = SegmentationMLLM(cfg, tokenizer, getattr(val, "semantic_classes", ()))
     parts = [name for name, _ in model.named_children()]
     unknown = [m for m in cfg.init_modules if m not in parts]
     if unknown:

@@ -4,7 +4,8 @@ first validation and then stop without any checkpoint)."""
 
 from __future__ import annotations
 
-TRAIN = ("loss", "ce", "bce", "dice", "visual_tokens", "step_latency_ms")  # logged as train/<name> each step
+# logged as train/<name> each step (semantic: where the recipe sets model.loss.semantic_weight)
+TRAIN = ("loss", "ce", "bce", "dice", "semantic", "visual_tokens", "step_latency_ms")
 EVAL_IOU = ("giou", "ciou")
 EVAL_MEANS = ("visual_tokens", "llm_flops", "latency_ms", "name_acc")  # name_acc: where the data names targets
 EVAL_RANGE = ("visual_tokens_min", "visual_tokens_max")

@@ -39,11 +39,15 @@ MODEL_COMPONENTS: dict[str, str] = {
 
 @dataclass
 class LossConfig:
-    """LISA's weights: text cross-entropy + per-pixel BCE + Dice."""
+    """LISA's weights: text cross-entropy + per-pixel BCE + Dice. ``semantic_weight`` adds a per-pixel
+    class loss on the vision encoder's features (a 1×1 head over its grid, logits upsampled to the image), for
+    datasets that give every pixel a class (the synthetic one: each colour-shape pair; 0 is background): dense
+    supervision of the vision stage, the role CLIP or ImageNet pretraining plays for a real MLLM's encoder."""
 
     ce_weight: float = 1.0
     bce_weight: float = 2.0
     dice_weight: float = 0.5
+    semantic_weight: float = 0.0
 
 
 @dataclass
@@ -272,6 +276,7 @@ RANGES: dict[str, Rule] = {
     "model.loss.ce_weight": _real(0),
     "model.loss.bce_weight": _real(0),
     "model.loss.dice_weight": _real(0),
+    "model.loss.semantic_weight": _real(0),
     "model.lora.r": _int(1),
     "model.lora.alpha": _real(0, lo_open=True),
     "model.lora.dropout": _real(0, 1, hi_open=True),

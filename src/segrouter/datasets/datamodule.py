@@ -55,7 +55,8 @@ class EpochSampler(Sampler[int]):
 
 
 class SegDataModule(L.LightningDataModule):
-    """Turns samples ``{image, mask, text, id}`` into padded batches the model consumes."""
+    """Turns samples ``{image, mask, text, id}`` (and ``target``, ``semantic`` where the dataset gives them) into
+    padded batches the model consumes."""
 
     def __init__(self, cfg: DictConfig, tokenizer: Any) -> None:
         super().__init__()
@@ -92,6 +93,8 @@ class SegDataModule(L.LightningDataModule):
             "text": [s["text"] for s in samples],
             "id": [s["id"] for s in samples],
         }
+        if all("semantic" in s for s in samples):  # per-pixel classes, where the dataset gives them
+            batch["semantic"] = torch.stack([s["semantic"] for s in samples])
         if not train and "{target}" in d.answer and all(t is not None for t in targets):
             named = [encode_example(self.tokenizer, s["text"], d.prompt, d.answer, k, t)
                      for s, t in zip(samples, targets, strict=True)]

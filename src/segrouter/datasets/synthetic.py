@@ -198,7 +198,9 @@ class SyntheticReferringDataset(Dataset):
     ``train`` has ``num_samples`` items; ``val`` and ``test`` have ``max(1, num_samples // 4)``, the usual
     ratio of evaluation to training data, so evaluation stays cheap. Items are
     ``{"image": (3,H,W) float32 in [0,1], "mask": (H,W) float32 in {0,1}, "text": str, "id": "train-000123",
-    "target": "red circle"}`` (``target`` names the referred object, for answer templates with ``{target}``).
+    "target": "red circle", "semantic": (2,H,W) int64}`` (``target`` names the referred object, for answer
+    templates with ``{target}``; ``semantic`` gives every pixel its object's colour and shape, index + 1 into
+    :attr:`semantic_classes`, 0 for background, for ``model.loss.semantic_weight``).
     Sizes are diameters as a fraction of ``image_size``; ``noise`` is the std of the pixel noise.
     ``distinct`` keeps objects of one scene apart: ``pairs``, no two share both colour and shape;
     ``colours``, no two share a colour. ``target_attributes`` says how many of the target's colour and shape
@@ -242,6 +244,8 @@ class SyntheticReferringDataset(Dataset):
         self.distinct, self.target_attributes = distinct, target_attributes
         self.naming_share = naming_share if split == "train" else 0.0  # evaluation splits stay as they are
         self._length = num_samples if split == "train" else max(1, num_samples // 4)
+        # the per-pixel labels of a sample's "semantic" maps, one map per attribute (class i is i + 1; 0 background)
+        self.semantic_classes = {"colour": list(self.colours), "shape": list(self.shapes)}
         centres = np.arange(image_size, dtype=np.float32) + 0.5  # pixel centres
         self._ys, self._xs = np.meshgrid(centres, centres, indexing="ij")
         self.scene(0)  # fail at build time, not mid-training, when the settings admit no scene
@@ -283,9 +287,14 @@ class SyntheticReferringDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         scene = self.scene(index)
         index = index % self._length
+        semantic = np.zeros((len(self.semantic_classes), self.image_size, self.image_size), dtype=np.int64)
+        for o in scene.objects:
+            for a, (attribute, classes) in enumerate(self.semantic_classes.items()):
+                semantic[a, o.mask] = 1 + classes.index(getattr(o, attribute))
         return {
             "image": torch.from_numpy(scene.image),
             "mask": torch.from_numpy(scene.objects[scene.target].mask.astype(np.float32)),
+            "semantic": torch.from_numpy(semantic),
             "text": scene.expression.text,
             "target": f"{scene.objects[scene.target].colour} {scene.objects[scene.target].shape}",
             "id": f"{self.split}-{index:06d}",
