@@ -1,4 +1,4 @@
-"""``segrouter`` command line: fit, validate, test, predict, bench, analyze, compare, sweep, consolidate, list.
+"""``segrouter`` command line: fit, validate, test, predict, bench, card, analyze, compare, sweep, consolidate, list.
 
 Every user-fixable problem ends as one line on stderr and exit code 2 (see :mod:`segrouter.errors`);
 the recipe is loaded and fully validated before any model is built or any file is written. SIGTERM and
@@ -53,6 +53,8 @@ COMMANDS: dict[str, Command] = {  # in the order of `segrouter --help`
     "validate": Command("segrouter.evaluate", "evaluate a checkpoint on the val split", ("recipe", "plugins")),
     "test": Command("segrouter.evaluate", "evaluate a checkpoint on the test split", ("recipe", "plugins")),
     "bench": Command("segrouter.bench", "LLM FLOPs and wall time of recipe A vs recipe B, side by side", ("plugins",)),
+    "card": Command("segrouter.card", "efficiency card: a recipe's FLOPs and speed at the testbed and real LLM "
+                    "shapes, beside its runs' accuracy", ("plugins",)),
     "predict": Command("segrouter.predict", "segment your own images from a checkpoint", ("plugins",)),
     "consolidate": Command("segrouter.consolidate", "merge a DeepSpeed checkpoint folder into one .ckpt file"),
     "analyze": Command("segrouter.analysis.attention", "analyses of a trained model", ("plugins",)),

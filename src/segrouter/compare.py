@@ -11,6 +11,10 @@ runs from different machines, sweeps or plugin sets can be compared without rebu
 with missing or partial logs still gets a row, with "—" cells and a note saying what is missing: a
 comparison of ten runs must not die on the one that crashed.
 
+A run folder holding a ``card.json`` (``segrouter card --run ...``) shows that card's FLOPs ratio and speedup
+at each of its shapes (testbed, Qwen2-0.5B, LLaMA-7B) in the "card" columns: the cost of the very configuration
+whose accuracy the row shows.
+
 Which numbers: val metrics come from the row where ``metric`` is best (max, or min for a loss), the step
 shown as "best step"; efficiency numbers (visual tokens, LLM FLOPs, latency) from that same validation, else
 the newest logged; test metrics are the newest logged (test runs are separate evaluations).
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import re
 import sys
 from collections.abc import Sequence
@@ -54,6 +59,8 @@ class RunSummary:
     values: dict[str, float | None] = field(default_factory=dict)
     best_step: int | None = None
     notes: list[str] = field(default_factory=list)
+    # from the run folder's card.json (segrouter card): per shape, (shape, FLOPs ratio, speedup) vs the card's reference
+    card: list[tuple[str, float, float]] = field(default_factory=list)
 
 
 def resolve_run(path: Path) -> Path:
@@ -95,6 +102,7 @@ def summarize(path: Path, metric: str = "val/ciou") -> RunSummary:
         summary.notes.append("missing recipe.yaml")
     except (OSError, yaml.YAMLError, AttributeError) as exc:
         summary.notes.append(f"unreadable recipe.yaml ({type(exc).__name__})")
+    summary.card = _card(run, summary.notes)
     try:
         with open(run / "metrics.csv", newline="") as f:
             rows = [{k: _number(v) for k, v in row.items() if k is not None} for row in csv.DictReader(f)]
@@ -126,6 +134,20 @@ def summarize(path: Path, metric: str = "val/ciou") -> RunSummary:
     return summary
 
 
+def _card(run: Path, notes: list[str]) -> list[tuple[str, float, float]]:
+    """The efficiency card saved in the run folder by ``segrouter card``, if any."""
+    from segrouter.card import CARD_FILE
+
+    try:
+        card = json.loads((run / CARD_FILE).read_text())
+        return [(str(r["shape"]), float(r["flops_ratio"]), float(r["speedup"])) for r in card["shapes"]]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        notes.append(f"unreadable {CARD_FILE} ({type(exc).__name__})")
+        return []
+
+
 def _si(value: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(value) >= scale:
@@ -138,9 +160,11 @@ _COLUMNS: tuple[tuple[str, str], ...] = (  # (header, key); the key picks value 
     ("control", "control"), ("training-free", "training_free"), ("visual tokens", "visual_tokens"),
     ("LLM FLOPs", "llm_flops"), ("FLOPs ratio", "ratio"), ("latency ms", "latency_ms"), ("val gIoU", "val/giou"),
     ("val cIoU", "val/ciou"), ("val name acc", "val/name_acc"), ("test gIoU", "test/giou"), ("test cIoU", "test/ciou"),
-    ("test name acc", "test/name_acc"), ("best step", "best_step"), ("notes", "notes"),
+    ("test name acc", "test/name_acc"), ("card FLOPs ratio", "card_flops"), ("card speedup", "card_speedup"),
+    ("best step", "best_step"), ("notes", "notes"),
 )
-_TEXT_KEYS = {"label", "recipe", "compressor", "routing", "control", "training_free", "notes"}
+_TEXT_KEYS = {"label", "recipe", "compressor", "routing", "control", "training_free", "card_flops", "card_speedup",
+              "notes"}
 
 
 def _raw(s: RunSummary, key: str, reference: float | None) -> str | float | int | None:
@@ -152,6 +176,10 @@ def _raw(s: RunSummary, key: str, reference: float | None) -> str | float | int 
         return "yes" if s.training_free else None
     if key == "best_step":
         return s.best_step
+    if key == "card_flops":
+        return ", ".join(f"{shape} {ratio:.3f}" for shape, ratio, _ in s.card) or None
+    if key == "card_speedup":
+        return ", ".join(f"{shape} {speedup:.2f}x" for shape, _, speedup in s.card) or None
     if key == "ratio":
         flops = s.values.get("llm_flops")
         return flops / reference if flops is not None and reference else None
