@@ -22,18 +22,11 @@ TINY = str(ROOT / "recipes" / "tiny.yaml")
 
 
 def rle_string(counts: list[int]) -> str:
-    """pycocotools' ``rleToString`` (the encoder the decoder under test must invert)."""
-    out = []
-    for i, x in enumerate(counts):
-        if i > 2:
-            x -= counts[i - 2]
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = x != -1 if c & 0x10 else x != 0
-            out.append(chr(c + (0x20 if more else 0) + 48))
-    return "".join(out)
+    """The compressed string pycocotools writes for uncompressed ``counts`` (what annotation files hold)."""
+    from pycocotools import mask as coco_mask
+
+    h = 1
+    return coco_mask.frPyObjects({"size": [h, sum(counts)], "counts": counts}, h, sum(counts))["counts"].decode()
 
 
 def column_major_counts(mask: np.ndarray) -> list[int]:
@@ -107,6 +100,21 @@ def test_rle_decoding_compressed_and_uncompressed() -> None:
     m = np.zeros((4, 4), bool)
     m[1:3, 1] = True
     assert np.array_equal(rle_to_mask({"size": [4, 4], "counts": rle_string(column_major_counts(m))}), m)
+
+
+def test_masks_are_pycocotools_own_and_broken_rle_is_one_error() -> None:
+    from pycocotools import mask as coco_mask
+
+    from segrouter.images import polygons_to_mask
+
+    slanted = [[1.3, 0.2, 7.7, 2.9, 3.1, 7.6], [0, 0, 1, 0]]  # a triangle, and a degenerate polygon (skipped)
+    expected = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(slanted[:1], 9, 8))).astype(bool)
+    assert np.array_equal(polygons_to_mask(slanted, 9, 8), expected) and expected.sum() > 10
+    assert not polygons_to_mask([[0, 0, 1, 0]], 4, 4).any()
+    for bad in ({"size": [4, 4], "counts": [3, 2]}, {"size": [4, 4], "counts": "01"}, {"size": [4], "counts": []},
+                {"size": [4, 4], "counts": "zzzz"}):
+        with pytest.raises(DataError, match="RLE"):
+            rle_to_mask(bad)
 
 
 def test_refcoco_masks_splits_and_bad_images(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

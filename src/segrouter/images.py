@@ -1,7 +1,7 @@
 """Image input shared by the datasets and ``segrouter predict``: decoding (with the errors a broken file
 raises), LISA's resize (longest side to the model size, zero padding bottom/right to a square) and COCO
-polygon rasterisation. One home, so a prediction sees an image exactly as training did, and no dataset
-imports another's file.
+polygon rasterisation (by pycocotools, the field's decoder). One home, so a prediction sees an image exactly
+as training did, and no dataset imports another's file.
 """
 
 from __future__ import annotations
@@ -13,25 +13,21 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from skimage.draw import polygon as draw_polygon
 
 BAD_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)  # what PIL raises on broken files
 
 
 def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
-    """Union of COCO polygons ``[x0, y0, x1, y1, ...]`` as a bool (H, W) mask.
+    """Union of COCO polygons ``[x0, y0, x1, y1, ...]`` as a bool (H, W) mask, rasterised by pycocotools
+    (``frPyObjects`` + ``merge`` + ``decode``), so masks are pixel for pixel those of the field's evaluation code.
+    Polygons of fewer than three points are skipped. pycocotools is imported here, not at module import: only
+    the datasets that read COCO annotations need it."""
+    from pycocotools import mask as coco_mask
 
-    COCO coordinates are pixel edges (pixel (r, c) spans [c, c+1] × [r, r+1]); a pixel is inside when its
-    centre is, which matches ``pycocotools`` on axis-aligned shapes (it may differ by a pixel on slanted
-    edges, where pycocotools rasterises with its own sub-sampling)."""
-    mask = np.zeros((height, width), dtype=bool)
-    for poly in polygons:
-        xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-        if len(xy) < 3:
-            continue
-        rr, cc = draw_polygon(xy[:, 1] - 0.5, xy[:, 0] - 0.5, shape=(height, width))
-        mask[rr, cc] = True
-    return mask
+    polys = [[float(v) for v in poly] for poly in polygons if len(poly) >= 6]
+    if not polys:
+        return np.zeros((height, width), dtype=bool)
+    return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(polys, height, width))).astype(bool)
 
 
 def letterbox_size(height: int, width: int, size: int) -> tuple[int, int]:

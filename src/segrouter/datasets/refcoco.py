@@ -1,4 +1,5 @@
-"""RefCOCO / RefCOCO+ / RefCOCOg in the standard ``refer`` layout, and COCO's RLE masks.
+"""RefCOCO / RefCOCO+ / RefCOCOg in the standard ``refer`` layout; COCO's polygon and RLE masks are decoded by
+pycocotools, as the field's evaluation code does.
 
 Layout (as distributed with LISA and the ``refer`` toolkit)::
 
@@ -39,44 +40,30 @@ REFER_SPLITS: tuple[str, ...] = ("train", "val", "testA", "testB", "test")
 
 
 # ------------------------------------------------------------------------------------------ masks
-def rle_counts_from_string(s: str | bytes) -> list[int]:
-    """Decode the compressed COCO RLE string (pycocotools' ``rleFrString``: 5-bit groups, offset 48,
-    counts after the third stored as differences to the count two before)."""
-    data = s.encode() if isinstance(s, str) else s
-    counts: list[int] = []
-    p = 0
-    while p < len(data):
-        x, k, more = 0, 0, True
-        while more:
-            c = data[p] - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
 def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
-    """COCO RLE ``{size: [h, w], counts: list | str}`` as a bool (H, W) mask (runs are column-major,
-    starting with background)."""
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, (str, bytes)):
-        counts = rle_counts_from_string(counts)
-    flat = np.zeros(h * w, dtype=bool)
-    pos = 0
-    for i, n in enumerate(counts):
-        if i % 2:
-            flat[pos : pos + n] = True
-        pos += n
-    if pos != h * w:
-        raise DataError(f"RLE covers {pos} pixels, expected {h}×{w}={h * w}", fix="check the annotation file")
-    return flat.reshape(w, h).T
+    """COCO RLE ``{size: [h, w], counts: list | str}`` (uncompressed or compressed) as a bool (H, W) mask,
+    decoded by pycocotools. pycocotools does not check that the runs cover the image (a short string leaves
+    pixels undefined), so uncompressed counts must sum to h·w, and a compressed string's decoded pixels must be
+    0/1 and as many as its runs say (``area``)."""
+    from pycocotools import mask as coco_mask
+
+    try:
+        h, w = (int(v) for v in rle["size"])
+        counts = rle["counts"]
+        if isinstance(counts, list):
+            if sum(counts) != h * w:
+                raise DataError(f"RLE covers {sum(counts)} pixels, expected {h}×{w}={h * w}",
+                                fix="check the annotation file")
+            coded = coco_mask.frPyObjects({"size": [h, w], "counts": [int(c) for c in counts]}, h, w)
+        else:
+            coded = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else bytes(counts)}
+        mask = coco_mask.decode(coded)
+        if mask.shape != (h, w) or mask.max(initial=0) > 1 or int(mask.sum()) != int(coco_mask.area(coded)):
+            raise ValueError("its runs do not cover the image")
+        return mask.astype(bool)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"unreadable RLE segmentation ({type(exc).__name__}: {exc})",
+                        fix="check the annotation file") from None
 
 
 def segmentation_to_mask(seg: Any, height: int, width: int) -> np.ndarray:
