@@ -40,8 +40,8 @@ from segrouter.text import IMAGE_TOKEN, mask_token_names
 
 SPLITS = ("val", "test")
 # the semantic head predicts each vision-grid cell's labels on a 2×2 finer grid (then upsampled to the image):
-# measured on the visref ViT, a colour-invariant shape was far more linearly readable from its features than
-# with per-cell logits (and than with one head over colour-shape pairs instead of one per attribute)
+# in an exploration on the visref ViT this left an object's shape more linearly readable from its features than
+# per-cell logits did, as one head per attribute did against one over colour-shape pairs (benchmarks/vit_probe.py)
 SEMANTIC_SUBCELLS = 2
 
 
