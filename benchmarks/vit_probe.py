@@ -16,6 +16,7 @@ colour-shape pairs, predicting per grid cell or on a 2×2 finer grid (the framew
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -42,14 +43,18 @@ HEADS = {  # label: (one head per attribute, cells per grid cell along each side
 }
 
 
+@functools.cache
+def _recipe() -> Any:
+    return load_recipe(RECIPE, [])
+
+
 def _vit() -> VisionEncoder:
-    cfg = load_recipe(RECIPE, [])
+    cfg = _recipe()
     return registry("vision_encoder").build(component(cfg, "model.vision_encoder"), int(cfg.model.image_size))
 
 
 def _dataset(split: str) -> Any:
-    cfg = load_recipe(RECIPE, [])
-    return registry("dataset").build(component(cfg, "data.dataset"), split)
+    return registry("dataset").build(component(_recipe(), "data.dataset"), split)
 
 
 def probe(vit: VisionEncoder, scenes: int = 1500) -> dict[str, float]:

@@ -41,12 +41,15 @@ CARD_FILE = "card.json"
 
 
 def _bench_args(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
-    """The ``segrouter bench`` arguments of one measurement of the card."""
-    base = {"recipe": args.recipe, "vs": args.vs, "overrides": list(args.overrides), "random_init": None,
-            "num_layers": None, "image_tokens": args.image_tokens, "candidate_image_tokens": None, "text_tokens": 32,
-            "num_mask_tokens": 1, "batch": args.batch, "warmup": args.warmup, "repeats": args.repeats,
-            "device": args.device, "dtype": "float32", "flops_only": False, "out": None}
-    return argparse.Namespace(**{**base, **changes})
+    """The ``segrouter bench`` arguments of one measurement of the card: bench's own defaults (from its parser),
+    the card's shared options, then ``changes``."""
+    from segrouter.bench import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    bench = parser.parse_args(["--recipe", str(args.recipe), "--vs", str(args.vs)])
+    shared = {k: getattr(args, k) for k in ("image_tokens", "batch", "warmup", "repeats", "device")}
+    return argparse.Namespace(**{**vars(bench), "overrides": list(args.overrides), **shared, **changes})
 
 
 def _timed_row(result: dict[str, Any]) -> dict[str, Any]:
