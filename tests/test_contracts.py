@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
+from test_eval_protocol import make_grefcoco, make_reasonseg
 from test_refcoco import make_layout
 
 from segrouter.geometry import grid_coords
@@ -45,10 +46,18 @@ def _images() -> torch.Tensor:
     return smooth.clamp(0, 1)
 
 
+# encoders whose defaults are a real model's size (SAM ViT-B at 1024 px, CLIP ViT-L/14): built tiny here
+TINY_ENCODERS: dict[str, dict[str, Any]] = {
+    "sam_vit": {"input_size": 64, "hidden_size": 16, "depth": 2, "num_heads": 2, "output_channels": 16,
+                "window_size": 2},
+    "hf_clip": {"patch_size": 8, "hidden_size": 16, "depth": 2, "num_heads": 2, "intermediate_size": 32},
+}
+
+
 @pytest.mark.parametrize("name", _cases("vision_encoder"))
 def test_vision_encoder_contract(name: str) -> None:
     _check_defaults("vision_encoder", name)
-    encoder = registry("vision_encoder").build({"name": name}, IMAGE)
+    encoder = registry("vision_encoder").build({"name": name, **TINY_ENCODERS.get(name, {})}, IMAGE)
     images = _images().requires_grad_(True)
     features = encoder(images)
     assert features.shape == (BATCH, encoder.out_dim, *encoder.grid_size)
@@ -182,6 +191,11 @@ def _data_files(name: str, tmp: Path) -> dict[str, Any]:
         return {"root": str(root), "image_dir": str(images)}
     if name == "hf_refer":
         return {"path": str(_hf_refer_folder(tmp))}
+    if name == "grefcoco":
+        root, images = make_grefcoco(tmp)
+        return {"root": str(root), "image_dir": str(images)}
+    if name == "reasonseg":
+        return {"root": str(make_reasonseg(tmp))}
     required = [p.name for p in registry("dataset").get(name).params().values() if p.required]
     if required:
         pytest.skip(f"dataset '{name}' needs {required}: give it tiny data in _data_files")

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from segrouter.datasets.hf_refer import HFReferDataset
-from segrouter.datasets.refcoco import RefCOCODataset, rle_to_mask
+from segrouter.datasets.refcoco import RefCOCODataset
 from segrouter.errors import DataError
-from segrouter.images import letterbox
+from segrouter.images import letterbox, rle_to_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny.yaml")

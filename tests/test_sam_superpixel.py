@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -314,7 +315,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
 
 def test_trained_tiny_sam_folder_loads_as_sam_path(tmp_path: Path) -> None:
     """benchmarks/train_tiny_sam.py writes a save_pretrained folder that generator: sam loads offline and
-    partitions with; its settings (the cache key) name the folder's files."""
+    partitions with; its settings (the cache key) hold a hash of the weights: the same for a copy of the folder,
+    another for the same files with one weight changed (same names, same sizes)."""
     out = tmp_path / "tiny_sam"
     script = Path(__file__).parents[1] / "benchmarks" / "train_tiny_sam.py"
     done = subprocess.run(
@@ -327,5 +329,23 @@ def test_trained_tiny_sam_folder_loads_as_sam_path(tmp_path: Path) -> None:
     assert report["steps"] == 2 and 0.0 <= report["val_point_miou"] <= 1.0
     gen = SAMAutomaticMaskGenerator(str(out), points_per_side=4, pred_iou_thresh=0.0, stability_thresh=0.0,
                                     min_area=4, max_regions=32)
-    assert gen.model.config.vision_config.hidden_size == 32 and "model.safetensors" in gen.settings()["weights"]
+    assert gen.model.config.vision_config.hidden_size == 32 and gen.settings()["weights"].startswith("sha256:")
     check_partition(gen(_scene(64)), (64, 64))
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(out, copy)
+    assert SAMAutomaticMaskGenerator(str(copy)).settings()["weights"] == gen.settings()["weights"]
+    changed = gen.model
+    with torch.no_grad():
+        changed.mask_decoder.iou_token.weight.add_(1.0)
+    changed.save_pretrained(copy)
+    assert SAMAutomaticMaskGenerator(str(copy)).settings()["weights"] != gen.settings()["weights"]
+
+
+def test_slic_fallback_is_said_at_build_and_in_list(capsys: pytest.CaptureFixture[str]) -> None:
+    from segrouter.cli import main
+
+    SAMSuperpixelProjector(8, 16, (4, 4), aggregator_heads=2)
+    assert "sam_superpixel: generator: slic runs the SLIC fallback" in capsys.readouterr().err
+    assert main(["list", "compressor"]) == 0
+    listed = capsys.readouterr().out
+    assert "note: generator: slic runs the SLIC fallback" in listed.split("sam_superpixel", 1)[1]

@@ -1,4 +1,5 @@
-"""``segrouter`` command line: fit, validate, test, predict, bench, card, analyze, compare, sweep, consolidate, list.
+"""``segrouter`` command line: fit, validate, test, predict, bench, card, analyze, compare, sweep, consolidate,
+import, list.
 
 Every user-fixable problem ends as one line on stderr and exit code 2 (see :mod:`segrouter.errors`);
 the recipe is loaded and fully validated before any model is built or any file is written. SIGTERM and
@@ -57,6 +58,8 @@ COMMANDS: dict[str, Command] = {  # in the order of `segrouter --help`
                     "shapes, beside its runs' accuracy", ("plugins",)),
     "predict": Command("segrouter.predict", "segment your own images from a checkpoint", ("plugins",)),
     "consolidate": Command("segrouter.consolidate", "merge a DeepSpeed checkpoint folder into one .ckpt file"),
+    "import": Command("segrouter.importer", "turn a published model's checkpoint (lisa) into a recipe and checkpoint",
+                      ("plugins",)),
     "analyze": Command("segrouter.analysis.attention", "analyses of a trained model", ("plugins",)),
     "compare": Command("segrouter.compare", "compare finished runs (accuracy vs efficiency)"),
     "sweep": Command("segrouter.sweep", "fit several recipes / a grid of overrides, then compare the runs",

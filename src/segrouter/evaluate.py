@@ -3,16 +3,20 @@
 The checkpoint must fit the recipe (a checkpoint of another recipe fails in one line, before any run folder is
 created), unless ``--training-free`` asks to apply this recipe's method to a checkpoint trained without it: then
 the tensors the checkpoint lacks keep their initialisation, and one line on stderr says which and what they do.
+``test --suite refcoco`` evaluates the checkpoint on every split of the field's RefCOCO table in one run
+(:mod:`segrouter.suite`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from segrouter.errors import SegrouterError
 from segrouter.recipe import CONTROLS
+from segrouter.suite import SUITES, check_files, run_suite
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", choices=CONTROLS,
                         help="evaluate with the LLM's visual tokens shuffled across the batch or zeroed "
                              "(sets metrics.control; metrics are logged under the usual names)")
+    parser.add_argument("--suite", choices=sorted(SUITES),
+                        help="test only: evaluate on every split of the field's table (refcoco: RefCOCO val/testA/"
+                             "testB, RefCOCO+ val/testA/testB, RefCOCOg-umd val/test) and write one table")
     parser.add_argument("--training-free", action="store_true",
                         help="apply this recipe's method to --ckpt, trained without it (e.g. a full model): "
                              "parameters the checkpoint lacks keep their initialisation (sets metrics.training_free)")
@@ -41,13 +48,21 @@ def run(args: argparse.Namespace) -> int:
     if training_free and not args.ckpt:
         raise SegrouterError("--training-free needs --ckpt", fix="name the checkpoint trained without this recipe's "
                              "method, e.g. --ckpt runs/full/version_0/checkpoints/last.ckpt")
+    if args.suite and args.command != "test":
+        raise SegrouterError(f"--suite is an option of 'segrouter test', not of '{args.command}'",
+                             fix=f"run segrouter test --suite {args.suite} ...")
     if args.print_recipe:  # with what --control and --training-free set
         print(recipe_yaml(cfg), end="")
         return 0
+    if args.suite:
+        check_files(cfg, args.suite)
     ckpt = find_eval_checkpoint(cfg, args.ckpt)
     check_output_dir(cfg)  # evaluation logs into a new version folder
-    model, data = build(cfg)
     sharded = is_sharded(ckpt)  # DeepSpeed's checkpoint folder: only its strategy can read it
+    if sharded and args.suite:
+        raise SegrouterError(f"--suite reads one checkpoint file; {ckpt} is a DeepSpeed folder",
+                             fix=f"merge it first: segrouter consolidate {ckpt} model.ckpt")
+    model, data = build(cfg)
     if not sharded or training_free:  # a checkpoint of another recipe fails here, in one line, before any run folder
         fresh = load_weights(model, ckpt, allow_missing=True)
         if fresh and not training_free:
@@ -57,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
                 "to evaluate this recipe's method on it with those tensors at their initialisation")
         if training_free:
             print(f"segrouter: training-free: {training_free_note(model, fresh, ckpt)}", file=sys.stderr)
+    if args.suite:
+        run_dir = Path(cfg.output_dir) / cfg.name / f"version_{next_version(cfg)}"
+        run_dir.mkdir(parents=True)
+        run_suite(cfg, args.suite, model, data.tokenizer, run_dir)
+        return 0
     trainer = build_trainer(cfg, version=next_version(cfg))
     evaluate = trainer.validate if args.command == "validate" else trainer.test
     evaluate(compiled(model, cfg), datamodule=data, ckpt_path=ckpt if sharded else None)

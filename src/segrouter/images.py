@@ -1,7 +1,8 @@
 """Image input shared by the datasets and ``segrouter predict``: decoding (with the errors a broken file
-raises), LISA's resize (longest side to the model size, zero padding bottom/right to a square) and COCO
-polygon rasterisation (by pycocotools, the field's decoder). One home, so a prediction sees an image exactly
-as training did, and no dataset imports another's file.
+raises), LISA's resize (longest side to the model size, zero padding bottom/right to a square) and its
+inverse for predicted masks (crop the padding off, resize to the original image: how the field scores and how
+``predict`` writes masks), and COCO polygon rasterisation (by pycocotools, the field's decoder). One home, so
+a prediction sees an image exactly as training did, and no dataset imports another's file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+
+from segrouter.errors import DataError
 
 BAD_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)  # what PIL raises on broken files
 
@@ -50,6 +54,14 @@ def letterbox(image: Image.Image, mask: np.ndarray | None, size: int) -> tuple[t
     return img, out
 
 
+def unletterbox(logits: torch.Tensor, content_hw: tuple[int, int], original_hw: tuple[int, int]) -> torch.Tensor:
+    """Mask logits (S, S) of a letterboxed image back on the original image's pixels (H, W): the padding cropped
+    off (``content_hw``, from :func:`letterbox_size`), then a bilinear resize (LISA's ``postprocess_masks``)."""
+    h, w = content_hw
+    return F.interpolate(logits[None, None, :h, :w].float(), size=tuple(original_hw), mode="bilinear",
+                         align_corners=False)[0, 0]
+
+
 def open_image(source: Any) -> Image.Image:
     """A fully decoded PIL image from a path, bytes, an HF image dict or a PIL image (errors: ``BAD_IMAGE_ERRORS``)."""
     if isinstance(source, Image.Image):
@@ -63,3 +75,36 @@ def open_image(source: Any) -> Image.Image:
     with Image.open(source) as im:
         im.load()  # decode now, so a truncated file fails here and not later
         return im.copy()
+
+
+def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
+    """COCO RLE ``{size: [h, w], counts: list | str}`` (uncompressed or compressed) as a bool (H, W) mask,
+    decoded by pycocotools. pycocotools does not check that the runs cover the image (a short string leaves
+    pixels undefined), so uncompressed counts must sum to h·w, and a compressed string's decoded pixels must be
+    0/1 and as many as its runs say (``area``)."""
+    from pycocotools import mask as coco_mask
+
+    try:
+        h, w = (int(v) for v in rle["size"])
+        counts = rle["counts"]
+        if isinstance(counts, list):
+            if sum(counts) != h * w:
+                raise DataError(f"RLE covers {sum(counts)} pixels, expected {h}×{w}={h * w}",
+                                fix="check the annotation file")
+            coded = coco_mask.frPyObjects({"size": [h, w], "counts": [int(c) for c in counts]}, h, w)
+        else:
+            coded = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else bytes(counts)}
+        mask = coco_mask.decode(coded)
+        if mask.shape != (h, w) or mask.max(initial=0) > 1 or int(mask.sum()) != int(coco_mask.area(coded)):
+            raise ValueError("its runs do not cover the image")
+        return mask.astype(bool)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"unreadable RLE segmentation ({type(exc).__name__}: {exc})",
+                        fix="check the annotation file") from None
+
+
+def segmentation_to_mask(seg: Any, height: int, width: int) -> np.ndarray:
+    """A COCO ``segmentation`` field (polygon list, or RLE dict) as a bool mask."""
+    if isinstance(seg, dict):
+        return rle_to_mask(seg)
+    return polygons_to_mask(seg, height, width)

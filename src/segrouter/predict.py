@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from segrouter.arguments import checked_device, output_file
@@ -91,7 +90,7 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
 def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: torch.device) -> tuple[np.ndarray, int]:
     """Bool (H, W) mask at the image's own size for one expression, and how many visual tokens the LLM
     read (adaptive compressors such as ``sam_superpixel`` vary it per image)."""
-    from segrouter.images import letterbox, letterbox_size
+    from segrouter.images import letterbox, letterbox_size, unletterbox
 
     size = model.image_size
     img, _ = letterbox(image, None, size)
@@ -99,11 +98,8 @@ def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: t
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.no_grad():
         out = model(batch)
-    logits = out["masks"][0].float()
-    h, w = letterbox_size(image.height, image.width, size)
-    full = F.interpolate(logits[None, None, :h, :w], size=(image.height, image.width), mode="bilinear",
-                         align_corners=False)
-    return (full[0, 0] > 0).cpu().numpy(), int(out["visual_tokens"][0])
+    full = unletterbox(out["masks"][0], letterbox_size(image.height, image.width, size), (image.height, image.width))
+    return (full > 0).cpu().numpy(), int(out["visual_tokens"][0])
 
 
 def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:

@@ -185,6 +185,7 @@ class LoggerConfig:
 
 
 CONTROLS = ("shuffle", "zero")
+RESOLUTIONS = ("original", "model")  # metrics.resolution
 
 
 @dataclass
@@ -196,6 +197,10 @@ class MetricsConfig:
     # this evaluation applies the recipe's method to a checkpoint trained without it (a dense `full` model): its
     # new parameters keep their initialisation. Set by `segrouter validate/test --training-free`.
     training_free: bool = False
+    # where masks are scored: original (the field's protocol: the prediction is cropped out of the padding and
+    # resized to the original image, against the original mask) or model (both at model.image_size, letterboxed).
+    # Datasets that keep no original (synthetic: generated at the model's size) are scored at the model's size.
+    resolution: str = "original"
 
 
 @dataclass
@@ -625,11 +630,15 @@ def validate_components(cfg: DictConfig) -> None:
     if cfg.metrics.control not in (None, *CONTROLS):
         raise RecipeError(f"unknown control '{cfg.metrics.control}'{did_you_mean(cfg.metrics.control, CONTROLS)}",
                           where="metrics.control", fix=f"use one of: {', '.join(CONTROLS)} (or null)")
+    if cfg.metrics.resolution not in RESOLUTIONS:
+        raise RecipeError(f"unknown resolution '{cfg.metrics.resolution}'"
+                          f"{did_you_mean(str(cfg.metrics.resolution), RESOLUTIONS)}",
+                          where="metrics.resolution", fix=f"use one of: {', '.join(RESOLUTIONS)}")
     lora = cfg.model.lora
     if lora.enabled and not lora.targets:
         raise RecipeError("LoRA needs at least one target module", where="model.lora.targets",
                           fix="e.g. targets: [q_proj, v_proj]")
-    for key, allowed in (("prompt", {"expression"}), ("answer", {"mask_tokens", "target"})):
+    for key, allowed in (("prompt", {"expression", "image"}), ("answer", {"mask_tokens", "target"})):
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(cfg.data[key]) if f is not None}
         except ValueError as exc:

@@ -62,11 +62,13 @@ def encode_example(
     num_mask_tokens: int,
     target: str | None = None,
 ) -> tuple[list[int], list[int], list[int]]:
-    """Token ids, LM labels and name labels for ``[BOS] <image> prompt answer [EOS]``. Labels cover the
+    """Token ids, LM labels and name labels for ``[BOS] <image> prompt answer [EOS]`` (the image where the prompt
+    says ``{image}``, as in LLaVA's conversation template, if it does). Labels cover the
     answer only; name labels hold the ids of the tokens that spell ``target`` in the answer (found by
     character offsets, so any fast tokenizer works) and -100 elsewhere, for the ``name_acc`` probe."""
     mask_str = " ".join(mask_token_names(num_mask_tokens))
-    prefix = tok.encode(f"{IMAGE_TOKEN} " + prompt.format(expression=expression), add_special_tokens=False)
+    text = prompt.format(expression=expression, image=IMAGE_TOKEN)
+    prefix = tok.encode(text if "{image}" in prompt else f"{IMAGE_TOKEN} {text}", add_special_tokens=False)
     reply_text = render_answer(answer, mask_str, target)
     reply = tok.encode(reply_text, add_special_tokens=False)
     names = [-100] * len(reply)
@@ -83,5 +85,6 @@ def encode_example(
 
 def template_words(prompt: str, answer: str) -> list[str]:
     """Plain words of the prompt/answer templates (they join the dataset vocabulary)."""
-    text = prompt.replace("{expression}", " ") + " " + answer.replace("{mask_tokens}", " ").replace("{target}", " ")
+    text = prompt.replace("{expression}", " ").replace("{image}", " ") + " "
+    text += answer.replace("{mask_tokens}", " ").replace("{target}", " ")
     return text.split()

@@ -23,6 +23,7 @@ maximum; ``coords`` are the centroids (y, x).
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,6 +134,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+SLIC_NOTE = ("generator: slic runs the SLIC fallback: superpixels from colour and position, not SAM's masks "
+             "(set generator: sam and sam_path for the paper's)")
+
+
 @register("compressor", "sam_superpixel")
 class SAMSuperpixelProjector(Compressor):
     """One token per superpixel: SAM automatic masks (``generator: sam``) or SLIC (``generator: slic``,
@@ -142,8 +147,10 @@ class SAMSuperpixelProjector(Compressor):
     Generator settings: ``points_per_side``, ``pred_iou_thresh``, ``stability_thresh`` (SAM; thresholds
     of the first author's "ssa" presets in HAL-42/TUSS), ``n_segments``, ``compactness``,
     ``colour_threshold`` (SLIC), and for both ``min_area`` (pixels) / ``max_regions``. ``cache_dir``
-    stores partitions on disk (null: memory).
+    stores partitions on disk (null: memory), keyed by the image, the settings and (SAM) a hash of the weights.
     """
+
+    note = SLIC_NOTE  # `segrouter list` prints it: no run named sam_superpixel uses SLIC unsaid
 
     def __init__(
         self,
@@ -195,6 +202,8 @@ class SAMSuperpixelProjector(Compressor):
                 max_regions=max_regions,
             )
         else:
+            if "note" in vars(type(self)):  # sam_superpixel itself, not a variant fixed to SLIC by design
+                print(f"segrouter: sam_superpixel: {SLIC_NOTE}", file=sys.stderr)
             self.generator = SLICGenerator(
                 n_segments=n_segments, compactness=compactness, colour_threshold=colour_threshold,
                 min_area=min_area, max_regions=max_regions,

@@ -1,15 +1,25 @@
 """What every real referring-segmentation dataset shares: :class:`ReferringImageDataset`, which turns a
-subclass's records into samples and skips unreadable images (``refcoco``, ``hf_refer``)."""
+subclass's records into samples (:meth:`~ReferringImageDataset.sample`: LISA's resize, and the original mask
+that evaluation scores against) and skips unreadable images (``refcoco``, ``grefcoco``, ``reasonseg``,
+``hf_refer``)."""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from segrouter.errors import DataError
-from segrouter.images import BAD_IMAGE_ERRORS
+from segrouter.images import BAD_IMAGE_ERRORS, letterbox, letterbox_size
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +35,7 @@ class ReferringImageDataset(Dataset):
 
     items: list[Any]
     name = "dataset"
+    mask_image_size: int | None = None  # set by the data module for a mask encoder with its own input (sam_vit)
 
     def __init__(self, split: str, image_size: int, max_samples: int | None) -> None:
         if image_size < 16:
@@ -40,6 +51,16 @@ class ReferringImageDataset(Dataset):
     def skipped(self) -> int:
         """Number of distinct samples skipped so far because their image could not be read."""
         return len(self.skipped_ids)
+
+    def _keep_readable(self, items: list[Any], path: Any, where: Path) -> None:
+        """``self.items``: those of ``items`` whose image file (``path(item)``) exists; the others are counted in
+        ``self.missing`` and named in one summary warning, so a partial image download still evaluates."""
+        exists: dict[Path, bool] = {}
+        self.items = [it for it in items if exists.setdefault(path(it), path(it).is_file())]
+        self.missing = len(items) - len(self.items)
+        if self.missing:
+            log.warning("%s %s: dropped %d samples whose image is missing (%d images) under %s", self.name,
+                        self.split, self.missing, sum(not e for e in exists.values()), where)
 
     def _limit(self) -> None:
         if not self.items:
@@ -58,6 +79,36 @@ class ReferringImageDataset(Dataset):
     def sample_id(self, index: int) -> str:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def image_keys(self) -> set[str] | None:
+        """The names of the image files this split's samples use, for the leak check between a training split and
+        an evaluation split (:func:`shared_images`); None when the dataset has no stable image names."""
+        return None
+
+    def sample(self, index: int, image: Image.Image, mask: np.ndarray, text: str, ignore: np.ndarray | None = None,
+               **extra: Any) -> dict[str, Any]:
+        """Sample ``index`` from its original image and bool mask (H, W): both letterboxed to ``image_size``
+        (:func:`~segrouter.images.letterbox`), plus ``extra`` keys. ``ignore`` (bool (H, W), ReasonSeg's "ignore"
+        regions) marks pixels that scoring leaves out of both intersection and union (key ``ignore``). For a mask
+        encoder that reads its own input (``mask_image_size``) the image is also letterboxed at that size
+        (``mask_image``, ``mask_image_hw``). Outside ``train`` the sample also keeps what scoring at the original
+        resolution needs (``metrics.resolution: original``): the original mask (and ignore mask) and the size of
+        the image inside the padding."""
+        if mask.shape != (image.height, image.width):
+            raise ValueError(f"mask {mask.shape} does not match image {image.height}×{image.width}")
+        img, m = letterbox(image, mask, self.image_size)
+        out = {"image": img, "mask": m, "text": text, "id": self.sample_id(index), **extra}
+        if ignore is not None:
+            out["ignore"] = letterbox(image, ignore, self.image_size)[1] > 0.5
+        if self.mask_image_size is not None:  # the mask encoder's own letterbox of the original (LISA's SAM input)
+            out["mask_image"] = letterbox(image, None, self.mask_image_size)[0]
+            out["mask_image_hw"] = torch.tensor(letterbox_size(image.height, image.width, self.mask_image_size))
+        if self.split != "train":
+            out["original_mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))
+            out["content_hw"] = torch.tensor(letterbox_size(image.height, image.width, self.image_size))
+            if ignore is not None:
+                out["original_ignore"] = torch.from_numpy(np.ascontiguousarray(ignore, dtype=bool))
+        return out
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self.items)
         if not -n <= index < n:
@@ -73,3 +124,63 @@ class ReferringImageDataset(Dataset):
                                 self.name, self.split, type(exc).__name__, exc)
                 self.skipped_ids.add(sid)
         raise DataError(f"{self.name}: no readable image in split '{self.split}'", fix="check the image folder")
+
+
+def shared_images(train: Dataset, evaluated: Dataset) -> tuple[int, int, list[str]]:
+    """The leak check: how many of ``evaluated``'s images are also training images, out of how many, and a few of
+    them (sorted). (0, 0, []) when either dataset cannot name its images."""
+    keys = [getattr(d, "image_keys", lambda: None)() for d in (train, evaluated)]
+    if keys[0] is None or keys[1] is None:
+        return 0, 0, []
+    both = keys[0] & keys[1]
+    return len(both), len(keys[1]), sorted(both)[:3]
+
+
+# ----------------------------------------------------------------------- COCO-based referring annotations
+@dataclass(frozen=True)
+class ReferAnnotations:
+    """One ``refer``-layout annotation set (RefCOCO/+/g, gRefCOCO): its refs and the COCO ``instances.json``
+    they point into, indexed by id."""
+
+    refs: list[dict[str, Any]]
+    images: dict[int, dict[str, Any]]
+    anns: dict[int, dict[str, Any]]
+    categories: dict[int, str]
+
+
+def read_refer(refs_path: Path, instances_path: Path, what: str) -> ReferAnnotations:
+    """Read a refs file (``.p``: pickle, the ``refer`` toolkit's; ``.json``: gRefCOCO's) and its
+    ``instances.json``, once per process while the files are unchanged: an evaluation of several splits, or a
+    training run and its validation, share one read. A pickle can run code when loaded: it is read only from
+    the folder the user named in the recipe."""
+    for p in (refs_path, instances_path):
+        if not p.is_file():
+            raise DataError(f"{what}: file not found: {p}",
+                            fix="set data.dataset.root to the folder holding <dataset>/")
+    stamps = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (refs_path, instances_path))
+    return _read_refer(refs_path, instances_path, what, stamps)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_refer(refs_path: Path, instances_path: Path, what: str, stamps: tuple[tuple[int, int], ...]
+                ) -> ReferAnnotations:
+    """:func:`read_refer`'s cached read (``stamps``: the files' modification times and sizes, part of the key)."""
+    try:
+        if refs_path.suffix == ".p":
+            with open(refs_path, "rb") as f:
+                refs = pickle.load(f)  # the user's own data file (see above)
+        else:
+            with open(refs_path) as f:
+                refs = json.load(f)
+        with open(instances_path) as f:
+            instances = json.load(f)
+        return ReferAnnotations(
+            refs=list(refs),
+            images={int(im["id"]): im for im in instances["images"]},
+            anns={int(a["id"]): a for a in instances["annotations"]},
+            categories={int(c["id"]): str(c["name"]) for c in instances.get("categories", [])},
+        )
+    except (OSError, pickle.UnpicklingError, EOFError, json.JSONDecodeError, UnicodeDecodeError, KeyError,
+            TypeError) as exc:
+        raise DataError(f"{what}: cannot read {refs_path.parent}: {type(exc).__name__}: {exc}",
+                        fix="re-download the annotations") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -13,10 +14,13 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from segrouter.datasets.base import shared_images
 from segrouter.errors import DataError
 from segrouter.recipe import component
 from segrouter.registry import registry
 from segrouter.text import encode_example
+
+log = logging.getLogger(__name__)
 
 
 def dataset_vocabulary(cfg: DictConfig) -> list[str]:
@@ -55,8 +59,8 @@ class EpochSampler(Sampler[int]):
 
 
 class SegDataModule(L.LightningDataModule):
-    """Turns samples ``{image, mask, text, id}`` (and ``target``, ``semantic`` where the dataset gives them) into
-    padded batches the model consumes."""
+    """Turns samples ``{image, mask, text, id}`` (and ``target``, ``semantic``, ``original_mask`` with
+    ``content_hw``, ``ignore``, ``no_target`` where the dataset gives them) into padded batches the model consumes."""
 
     def __init__(self, cfg: DictConfig, tokenizer: Any) -> None:
         super().__init__()
@@ -65,11 +69,40 @@ class SegDataModule(L.LightningDataModule):
         self.node = component(cfg, "data.dataset")
         self.datasets: dict[str, Dataset] = {}
         self._resume: dict[str, int] | None = None  # from a checkpoint, used by the next train_dataloader()
+        self.mask_image_size: int | None = None  # the mask encoder's input size (sam_vit), set by build()
 
     def dataset(self, split: str) -> Dataset:
         if split not in self.datasets:
             self.datasets[split] = registry("dataset").build(self.node, split, where="data.dataset")
-        return self.datasets[split]
+        found = self.datasets[split]
+        if hasattr(found, "mask_image_size"):  # real images: the mask encoder's own input, when it has one
+            found.mask_image_size = self.mask_image_size
+        return found
+
+    def setup(self, stage: str) -> None:
+        """Lightning's hook before a fit or an evaluation: the leak check of the split it evaluates."""
+        split = {"fit": "val", "validate": "val", "test": "test"}.get(stage)
+        if split is not None:
+            self.check_leak(split)
+
+    def check_leak(self, split: str) -> tuple[int, int] | None:
+        """Warn when images of ``split`` are also training images (scores on them measure memory): (shared,
+        evaluated) image counts, or None when the check cannot run (a dataset without image names, such as the
+        synthetic one, or a training split that is not on disk)."""
+        evaluated = self.dataset(split)
+        if getattr(evaluated, "image_keys", lambda: None)() is None:
+            return None
+        try:
+            train = self.dataset("train")
+        except DataError as exc:
+            log.info("leak check of %s skipped: the training split cannot be read (%s)", split, exc)
+            return None
+        shared, total, some = shared_images(train, evaluated)
+        if shared:
+            log.warning("leak check: %d of the %d %s images are also training images (e.g. %s); scores on them "
+                        "measure memory, not generalisation: evaluate on a split disjoint from training",
+                        shared, total, split, ", ".join(some))
+        return shared, total
 
     def collate(self, samples: list[dict[str, Any]], train: bool = False) -> dict[str, Any]:
         """A padded batch; only training batches name the target in the answer (see ``render_answer``).
@@ -95,6 +128,18 @@ class SegDataModule(L.LightningDataModule):
         }
         if all("semantic" in s for s in samples):  # per-pixel classes, where the dataset gives them
             batch["semantic"] = torch.stack([s["semantic"] for s in samples])
+        if all("original_mask" in s for s in samples):  # for scoring at the original resolution (metrics.resolution)
+            batch["original_mask"] = [s["original_mask"] for s in samples]
+            batch["content_hw"] = torch.stack([s["content_hw"] for s in samples])
+        if all("mask_image" in s for s in samples):  # the mask encoder's own input (sam_vit, LISA's SAM at 1024)
+            batch["mask_image"] = torch.stack([s["mask_image"] for s in samples])
+            batch["mask_image_hw"] = torch.stack([s["mask_image_hw"] for s in samples])
+        if all("ignore" in s for s in samples):  # pixels scoring leaves out (ReasonSeg)
+            batch["ignore"] = torch.stack([s["ignore"] for s in samples])
+            if all("original_ignore" in s for s in samples):
+                batch["original_ignore"] = [s["original_ignore"] for s in samples]
+        if all("no_target" in s for s in samples):  # generalized referring data (gRefCOCO): N-acc and T-acc
+            batch["no_target"] = torch.tensor([bool(s["no_target"]) for s in samples])
         if not train and "{target}" in d.answer and all(t is not None for t in targets):
             named = [encode_example(self.tokenizer, s["text"], d.prompt, d.answer, k, t)
                      for s, t in zip(samples, targets, strict=True)]

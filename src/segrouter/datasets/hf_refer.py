@@ -15,7 +15,7 @@ from PIL import Image
 
 from segrouter.datasets.base import ReferringImageDataset
 from segrouter.errors import DataError
-from segrouter.images import letterbox, open_image, polygons_to_mask
+from segrouter.images import open_image, polygons_to_mask
 from segrouter.registry import register
 
 
@@ -86,7 +86,4 @@ class HFReferDataset(ReferringImageDataset):
             poly = row[poly_col]
             polygons = poly if poly and isinstance(poly[0], (list, tuple)) else [poly]
             mask = polygons_to_mask(polygons, image.height, image.width)
-        if mask.shape != (image.height, image.width):
-            raise ValueError(f"mask {mask.shape} does not match image {image.height}×{image.width}")
-        img, m = letterbox(image, mask, self.image_size)
-        return {"image": img, "mask": m, "text": str(row[text_col]), "id": self.sample_id(index)}
+        return self.sample(index, image, mask, str(row[text_col]))

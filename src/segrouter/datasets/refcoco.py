@@ -20,57 +20,18 @@ stays aligned pixel for pixel. Skipping unreadable images is :class:`~segrouter.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import pickle
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
-from segrouter.datasets.base import ReferringImageDataset
+from segrouter.datasets.base import ReferringImageDataset, read_refer
 from segrouter.errors import DataError
-from segrouter.images import letterbox, open_image, polygons_to_mask
+from segrouter.images import open_image, segmentation_to_mask
 from segrouter.registry import register
 
 log = logging.getLogger(__name__)
 
 REFER_SPLITS: tuple[str, ...] = ("train", "val", "testA", "testB", "test")
-
-
-# ------------------------------------------------------------------------------------------ masks
-def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
-    """COCO RLE ``{size: [h, w], counts: list | str}`` (uncompressed or compressed) as a bool (H, W) mask,
-    decoded by pycocotools. pycocotools does not check that the runs cover the image (a short string leaves
-    pixels undefined), so uncompressed counts must sum to h·w, and a compressed string's decoded pixels must be
-    0/1 and as many as its runs say (``area``)."""
-    from pycocotools import mask as coco_mask
-
-    try:
-        h, w = (int(v) for v in rle["size"])
-        counts = rle["counts"]
-        if isinstance(counts, list):
-            if sum(counts) != h * w:
-                raise DataError(f"RLE covers {sum(counts)} pixels, expected {h}×{w}={h * w}",
-                                fix="check the annotation file")
-            coded = coco_mask.frPyObjects({"size": [h, w], "counts": [int(c) for c in counts]}, h, w)
-        else:
-            coded = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else bytes(counts)}
-        mask = coco_mask.decode(coded)
-        if mask.shape != (h, w) or mask.max(initial=0) > 1 or int(mask.sum()) != int(coco_mask.area(coded)):
-            raise ValueError("its runs do not cover the image")
-        return mask.astype(bool)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"unreadable RLE segmentation ({type(exc).__name__}: {exc})",
-                        fix="check the annotation file") from None
-
-
-def segmentation_to_mask(seg: Any, height: int, width: int) -> np.ndarray:
-    """A COCO ``segmentation`` field (polygon list, or RLE dict) as a bool mask."""
-    if isinstance(seg, dict):
-        return rle_to_mask(seg)
-    return polygons_to_mask(seg, height, width)
 
 
 # ---------------------------------------------------------------------------------------- RefCOCO
@@ -104,26 +65,13 @@ class RefCOCODataset(ReferringImageDataset):
             raise DataError(f"refcoco: unknown split '{refer_split}'", fix=f"valid splits: {', '.join(REFER_SPLITS)}")
         base = Path(root) / dataset
         refs_path = base / f"refs({split_by}).p"
-        inst_path = base / "instances.json"
-        for p in (refs_path, inst_path):
-            if not p.is_file():
-                raise DataError(f"refcoco: file not found: {p}",
-                                fix="set data.dataset.root to the folder holding <dataset>/")
+        annotations = read_refer(refs_path, base / "instances.json", "refcoco")
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise DataError(f"refcoco: image folder not found: {self.image_dir}",
                             fix="set data.dataset.image_dir (COCO train2014)")
-        try:
-            with open(refs_path, "rb") as f:
-                refs = pickle.load(f)  # the user's own data file (see module docstring)
-            with open(inst_path) as f:
-                instances = json.load(f)
-        except (OSError, pickle.UnpicklingError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"refcoco: cannot read {refs_path.parent}: {type(exc).__name__}: {exc}",
-                            fix="re-download the annotations") from None
-        self.images = {int(im["id"]): im for im in instances["images"]}
-        self.anns = {int(a["id"]): a for a in instances["annotations"]}
-        self.categories = {int(c["id"]): str(c["name"]) for c in instances.get("categories", [])}
+        refs = annotations.refs
+        self.images, self.anns, self.categories = annotations.images, annotations.anns, annotations.categories
         self.refer_split = refer_split
         items: list[tuple[int, int, int, str]] = []  # (image_id, ann_id, ref_id, sentence) per sample
         found = {str(r.get("split")) for r in refs}
@@ -137,13 +85,11 @@ class RefCOCODataset(ReferringImageDataset):
                 f"refcoco: no refs in split '{refer_split}' of {refs_path}",
                 fix=f"splits in this file: {', '.join(sorted(found))}",
             )
-        exists = {i: os.path.isfile(self.image_dir / self.images[i]["file_name"]) for i in {it[0] for it in items}}
-        self.items = [it for it in items if exists[it[0]]]
-        self.missing = len(items) - len(self.items)
-        if self.missing:
-            log.warning("refcoco %s: dropped %d samples whose image is missing (%d images) under %s",
-                        refer_split, self.missing, sum(not e for e in exists.values()), self.image_dir)
+        self._keep_readable(items, lambda it: self.image_dir / self.images[it[0]]["file_name"], self.image_dir)
         self._limit()
+
+    def image_keys(self) -> set[str]:
+        return {str(self.images[it[0]]["file_name"]) for it in self.items}
 
     def sample_id(self, index: int) -> str:
         return f"{self.refer_split}-ref{self.items[index][2]}-{index}"
@@ -153,11 +99,6 @@ class RefCOCODataset(ReferringImageDataset):
         info = self.images[image_id]
         image = open_image(self.image_dir / info["file_name"])
         mask = segmentation_to_mask(self.anns[ann_id]["segmentation"], int(info["height"]), int(info["width"]))
-        if mask.shape != (image.height, image.width):
-            raise ValueError(f"mask {mask.shape} does not match image {image.height}×{image.width}")
-        img, m = letterbox(image, mask, self.image_size)
-        sample = {"image": img, "mask": m, "text": sent, "id": self.sample_id(index)}
         category = self.categories.get(int(self.anns[ann_id].get("category_id", -1)))
-        if category is not None:  # names the target in answers with {target} (training only)
-            sample["target"] = category
-        return sample
+        # the category names the target in answers with {target} (training only)
+        return self.sample(index, image, mask, sent, **({"target": category} if category is not None else {}))

@@ -19,8 +19,9 @@ from segrouter.registry import register
 class SAMDecoder(MaskDecoder):
     """As in LISA: the projected [SEG] state is a sparse prompt, the dense prompt is SAM's "no mask"
     embedding, and a single mask is predicted (``multimask_output=False``). A SAM-style neck maps the
-    vision features to the decoder width. ``path`` takes the decoder, the positional embedding and the
-    no-mask embedding from a local ``SamModel`` directory."""
+    vision features to the decoder width; ``neck: false`` leaves it out, for features that already are a SAM
+    image embedding (the ``sam_vit`` mask encoder, LISA's layout). ``path`` takes the decoder, the positional
+    embedding and the no-mask embedding from a local ``SamModel`` directory."""
 
     def __init__(
         self,
@@ -33,6 +34,7 @@ class SAMDecoder(MaskDecoder):
         num_heads: int = 8,
         mlp_dim: int = 2048,
         path: str | None = None,
+        neck: bool = True,
     ) -> None:
         super().__init__()
         self.check_params(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, path=path)
@@ -62,12 +64,16 @@ class SAMDecoder(MaskDecoder):
             self.no_mask = nn.Embedding(1, embed_dim)
         self.prompt_dim = embed_dim
         self.grid_size = grid_size
-        self.neck = nn.Sequential(
+        if not neck and vision_dim != embed_dim:
+            raise ParamError(f"neck: false needs features of the decoder's width ({embed_dim}); the vision path "
+                             f"gives {vision_dim}", param="neck",
+                             fix="set neck: true, or use a SAM image encoder (sam_vit) as model.mask_encoder")
+        self.neck: nn.Module = nn.Sequential(
             nn.Conv2d(vision_dim, embed_dim, 1, bias=False),
             SamLayerNorm(embed_dim, data_format="channels_first"),
             nn.Conv2d(embed_dim, embed_dim, 3, padding=1, bias=False),
             SamLayerNorm(embed_dim, data_format="channels_first"),
-        )
+        ) if neck else nn.Identity()
 
     @staticmethod
     def check_params(**p: Any) -> None:

@@ -29,6 +29,7 @@ from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 from segrouter.compressors.base import VisualTokens
 from segrouter.errors import RecipeError, SegrouterError, recipe_path
 from segrouter.flops import count_flops
+from segrouter.images import unletterbox
 from segrouter.metric_names import EVAL_IOU, EVAL_MEANS, EVAL_RANGE
 from segrouter.metrics import CIoU, GIoU
 from segrouter.model.losses import bce_loss, dice_loss
@@ -199,7 +200,7 @@ class SegmentationMLLM(L.LightningModule):
         else:
             hidden = self.routing(self.llm, seq)
         prompts = self.text_proj(gather(hidden, mask_pos))
-        low = self.mask_decoder(feats if self.mask_encoder is None else self.mask_encoder(images), prompts)
+        low = self.mask_decoder(self.decoder_features(batch, feats), prompts)
         masks = F.interpolate(low[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return {
             "masks": masks,
@@ -210,6 +211,15 @@ class SegmentationMLLM(L.LightningModule):
             "visual": visual,
             "llm_flops": llm_flops,
         }
+
+    def decoder_features(self, batch: dict[str, Any], feats: torch.Tensor) -> torch.Tensor:
+        """What the mask decoder reads: the vision features the LLM's tokens come from, or the mask encoder's
+        own, from the batch's ``mask_image`` where the dataset gives one (a SAM encoder at 1024 px, as in LISA)."""
+        if self.mask_encoder is None:
+            return feats
+        if "mask_image" in batch and self.mask_encoder.input_size is not None:
+            return self.mask_encoder(batch["mask_image"], batch["mask_image_hw"])
+        return self.mask_encoder(batch["image"])
 
     def name_tokens(self, batch: dict[str, Any], visual: VisualTokens
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -293,8 +303,12 @@ class SegmentationMLLM(L.LightningModule):
             torch.cuda.synchronize()
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
         parts = self.losses(out, batch["mask"], batch.get("semantic"))
-        self.eval_metrics[split].update(out["masks"] > 0, batch["mask"] > 0.5)
         means = self.eval_means[split]
+        found = self.score(split, out["masks"], batch)
+        if "no_target" in batch:  # generalized data: N-acc over no-target samples, T-acc over the others
+            for name, rows, hit in (("n_acc", batch["no_target"], ~found), ("t_acc", ~batch["no_target"], found)):
+                if bool(rows.any()):
+                    means[name].update(hit[rows].float())
         means["visual_tokens"].update(out["visual_tokens"].float())
         for metric in self.eval_token_range[split].values():
             metric.update(out["visual_tokens"].float())
@@ -309,6 +323,30 @@ class SegmentationMLLM(L.LightningModule):
         else:  # latency from uncounted batches only: the FLOP counter slows the ops it watches
             means["latency_ms"].update(torch.tensor(elapsed_ms / bs), weight=bs)
         self.log(f"{split}/loss", parts["loss"], batch_size=bs, sync_dist=True)
+
+    def score(self, split: str, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Update ``split``'s gIoU and cIoU with the batch's masks (B, S, S) and return which samples' predicted
+        mask is non-empty (B,). With ``metrics.resolution: original`` and a batch that keeps its original masks,
+        each prediction is first cropped out of the padding and resized to its original image
+        (:func:`~segrouter.images.unletterbox`); otherwise masks are scored at the model's resolution. Pixels of the
+        batch's ``ignore`` masks (ReasonSeg) count in neither intersection nor union, as in LISA's evaluation."""
+        metrics = self.eval_metrics[split]
+        if self.cfg.metrics.resolution != "original" or "original_mask" not in batch:
+            pred, target = logits > 0, batch["mask"] > 0.5
+            if "ignore" in batch:
+                pred, target = pred & ~batch["ignore"], target & ~batch["ignore"]
+            metrics.update(pred, target)
+            return pred.flatten(1).any(dim=1)
+        found = []
+        ignores = batch.get("original_ignore", [None] * len(logits))
+        for mask, hw, target, ignore in zip(logits, batch["content_hw"].tolist(), batch["original_mask"], ignores,
+                                            strict=True):
+            pred = unletterbox(mask, hw, tuple(target.shape)) > 0
+            if ignore is not None:
+                pred, target = pred & ~ignore, target & ~ignore
+            metrics.update(pred[None], target[None])
+            found.append(bool(pred.any()))
+        return torch.tensor(found, device=logits.device)
 
     def _eval_epoch_end(self, split: str) -> None:
         self.log_dict(self.eval_metrics[split].compute(), prog_bar=True, sync_dist=False)

@@ -27,6 +27,7 @@ its partitions are valid but meaningless, for tests only; experiments need real 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,7 @@ class SAMAutomaticMaskGenerator:
                     fix="point it at a local SamModel folder (config.json + weights), or use generator: slic",
                 )
             self.model = SamModel.from_pretrained(str(path), local_files_only=True)
-            files = sorted(p for p in path.iterdir() if p.is_file())
-            self.weights_id: str = f"{path.resolve()}:" + ",".join(f"{p.name}={p.stat().st_size}" for p in files)
+            self.weights_id: str = weights_digest(self.model)
         else:
             self.model = tiny_random_sam()
             self.weights_id = f"random-tiny-seed{_RANDOM_SEED}"
@@ -225,3 +225,15 @@ def _mask_nms(flat: torch.Tensor, scores: torch.Tensor, thresh: float) -> list[i
 def _check_image(image: np.ndarray) -> None:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise SegrouterError(f"SAM mask generation needs an (H, W, 3) uint8 image, got {image.dtype} {image.shape}")
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A hash of the model's weights themselves (names, shapes, dtypes and bytes), for the partition cache: two
+    copies of the same SAM share cached partitions, and weights changed in place (same file names and sizes)
+    never reuse stale ones."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()

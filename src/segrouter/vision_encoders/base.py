@@ -15,6 +15,9 @@ class VisionEncoder(nn.Module):
 
     out_dim: int
     grid_size: tuple[int, int]
+    # the size of the encoder's own letterbox of the original image, when it reads one (SAM's 1024 as LISA's mask
+    # encoder); datasets of real images then put it in the batch as ``mask_image``. None: it reads the model's input
+    input_size: int | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
