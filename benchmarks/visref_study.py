@@ -52,19 +52,47 @@ def _slug(arm: str) -> str:
     return arm.replace(", ", "-").replace(" ", "_")
 
 
-def evaluate(runs: Path, out: Path, seed: int, arms: list[str], steps: int, lr: float, overrides: list[str]) -> None:
-    """Both measurements of every arm for one seed's testbed."""
+def evaluate(runs: Path, out: Path, seed: int, arms: list[str], steps: int, lr: float, overrides: list[str],
+             tune: bool = True) -> None:
+    """Both measurements of every arm for one seed's testbed (the training-free one only, without ``tune``)."""
     ckpt = str(best_checkpoint(runs / f"visref_s{seed}" / "version_0"))
     common = ("--recipe", "recipes/visref.yaml", f"output_dir={out}", f"seed={seed}",
               "trainer.enable_progress_bar=false")
     for arm in arms:
         knobs = ARMS[arm]
         run("test", *common, f"name=tf_{_slug(arm)}_s{seed}", "--ckpt", ckpt, "--training-free", *knobs, *overrides)
+        if not tune:
+            continue
         name = f"ft_{_slug(arm)}_s{seed}"
         run("fit", *common, f"name={name}", f"init_from={ckpt}", "init_modules=[]", f"trainer.max_steps={steps}",
             f"trainer.val_check_interval={steps}", f"optim.lr={lr}", "optim.warmup_steps=20", *knobs, *overrides)
         tuned = str(best_checkpoint(out / name / "version_0"))
         run("test", *common, f"name={name}", "--ckpt", tuned, *knobs, *overrides)
+
+
+def training_free_table(out: Path, seeds: list[int], arms: list[str], command: str) -> str:
+    """The training-free half alone: each arm applied to the trained testbed, against the testbed itself."""
+    def test(arm: str, seed: int) -> dict[str, float]:
+        return summarize(out / f"tf_{_slug(arm)}_s{seed}" / "version_0").values
+
+    rows = ["| arm (knobs) | LLM FLOPs / full | training-free cIoU | training-free name_acc "
+            "| − full (cIoU points, paired by seed) |", "|---|---:|---:|---:|---:|"]
+    full = {s: test("full", s) for s in seeds}
+    for arm in arms:
+        free = {s: test(arm, s) for s in seeds}
+        ratio = statistics.mean(free[s]["llm_flops"] / full[s]["llm_flops"] for s in seeds)
+        diff = [100 * (free[s]["test/ciou"] - full[s]["test/ciou"]) for s in seeds]
+        rows.append(f"| {arm}{_knobs(arm)} | {ratio:.3f} | {mean_std([free[s]['test/ciou'] for s in seeds])} | "
+                    f"{mean_std([free[s]['test/name_acc'] for s in seeds])} | "
+                    f"{'—' if arm == 'full' else mean_std(diff, 1)} |")
+    return f"Regenerate with `{command}`.\n\n" + "\n".join(rows)
+
+
+def _knobs(arm: str) -> str:
+    """`` (knob=value, ...)`` of an arm's recipe overrides, for its table row."""
+    label = ", ".join(k.split("=", 1)[0].removeprefix("model.routing.") + "=" + k.split("=", 1)[1]
+                      for k in ARMS[arm][1:] if "assignment" not in k and "projector" not in k)
+    return f" ({label})" if label else ""
 
 
 def table(out: Path, seeds: list[int], arms: list[str], command: str) -> str:
@@ -81,9 +109,7 @@ def table(out: Path, seeds: list[int], arms: list[str], command: str) -> str:
         ratio = statistics.mean(tuned[s]["llm_flops"] / full[s]["llm_flops"] for s in seeds)
         free = [test("tf", arm, s)["test/ciou"] for s in seeds]
         diff = [100 * (tuned[s]["test/ciou"] - full[s]["test/ciou"]) for s in seeds]
-        label = ", ".join(k.split("=", 1)[0].removeprefix("model.routing.") + "=" + k.split("=", 1)[1]
-                          for k in ARMS[arm][1:] if "assignment" not in k and "projector" not in k)
-        rows.append(f"| {arm}{f' ({label})' if label else ''} | {ratio:.3f} | {mean_std(free)} | "
+        rows.append(f"| {arm}{_knobs(arm)} | {ratio:.3f} | {mean_std(free)} | "
                     f"{mean_std([tuned[s]['test/ciou'] for s in seeds])} | "
                     f"{mean_std([tuned[s]['test/name_acc'] for s in seeds])} | "
                     f"{'—' if arm == 'full' else mean_std(diff, 1)} |")
@@ -101,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (cosine, 20 warm-up steps)")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from --out")
+    parser.add_argument("--training-free-only", action="store_true",
+                        help="only the training-free evaluations (no fine-tunes): a table of those alone")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every command")
     args = parser.parse_args(argv)
     doc = Path(args.doc)
@@ -120,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     if not args.table_only:
         for seed in args.seeds:
-            evaluate(Path(args.runs).resolve(), out, seed, arms, args.steps, args.lr, args.overrides)
+            evaluate(Path(args.runs).resolve(), out, seed, arms, args.steps, args.lr, args.overrides,
+                     tune=not args.training_free_only)
     chosen = [] if arms == list(ARMS) else ["--arms", *arms]
+    tuning = ["--training-free-only"] if args.training_free_only else ["--steps", str(args.steps), "--lr", str(args.lr)]
     command = shlex.join(["python", "benchmarks/visref_study.py", "--runs", args.runs, "--seeds",
-                          *map(str, args.seeds), *chosen, "--steps", str(args.steps), "--lr", str(args.lr),
-                          *args.overrides])
-    text = table(out, args.seeds, arms, command)
+                          *map(str, args.seeds), *chosen, *tuning, *args.overrides])
+    text = (training_free_table if args.training_free_only else table)(out, args.seeds, arms, command)
     print(text)
     write_section(text, doc, BEGIN, END)
     return 0

@@ -70,6 +70,7 @@ def _args(tmp_path: Path, flops_only: bool) -> argparse.Namespace:
         overrides=["model.routing.num_proxies=9", "model.routing.routed=layer"], random_init="toy", num_layers=None,
         image_tokens=64, text_tokens=8, num_mask_tokens=2, batch=1, warmup=0, repeats=1, device="cpu",
         dtype="float32", out=str(tmp_path / "b.json"), candidate_image_tokens=None, flops_only=flops_only,
+        decode_steps=None,
     )
 
 

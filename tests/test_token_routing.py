@@ -175,7 +175,7 @@ def test_bench_random_init_toy_shape(tmp_path: Path) -> None:
         recipe=str(RECIPES / "token_routing.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[],
         random_init="toy", num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1,
         warmup=1, repeats=2, device="cpu", dtype="float32", out=str(tmp_path / "b.json"), candidate_image_tokens=None,
-        flops_only=False,
+        flops_only=False, decode_steps=None,
     )
     r = run_bench(args)
     assert 0 < r["flops_ratio"] < 1 and len(r["A"]["times_s"]) == 2
@@ -192,7 +192,7 @@ def test_bench_random_init_takes_list_parameters() -> None:
     args = argparse.Namespace(
         recipe=str(RECIPES / "pdrop.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[], random_init="toy",
         num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1, warmup=0, repeats=1,
-        device="cpu", dtype="float32", out=None, candidate_image_tokens=None, flops_only=False,
+        device="cpu", dtype="float32", out=None, candidate_image_tokens=None, flops_only=False, decode_steps=None,
     )
     assert run_bench(args)["flops_ratio"] < 1
 
@@ -213,6 +213,7 @@ def test_bench_from_recipes(tmp_path: Path) -> None:
         overrides=["model.routing.name=token_routing"],
         random_init=None, num_layers=None, batch=2, warmup=0, repeats=1, device="cpu", dtype="float32", out=None,
         image_tokens=576, text_tokens=32, num_mask_tokens=1, candidate_image_tokens=None, flops_only=False,
+        decode_steps=None,
     )
     r = run_bench(args)
     assert r["A"]["visual_tokens"] == 16 and r["flops_ratio"] < 1
@@ -227,6 +228,7 @@ def test_bench_random_init_with_a_compressors_token_count() -> None:
         recipe=str(RECIPES / "quickstart.yaml"), vs=str(RECIPES / "quickstart.yaml"), overrides=[],
         random_init="toy", num_layers=None, image_tokens=64, text_tokens=8, num_mask_tokens=1, batch=1,
         warmup=0, repeats=1, device="cpu", dtype="float32", out=None, candidate_image_tokens=40, flops_only=False,
+        decode_steps=None,
     )
     r = run_bench(args)
     assert (r["A"]["visual_tokens"], r["B"]["visual_tokens"]) == (40, 64)

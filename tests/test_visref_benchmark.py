@@ -52,6 +52,15 @@ def test_the_driver_runs_every_stage_and_writes_the_section(tmp_path: Path) -> N
     tuned = (tmp_path / "study" / "ft_token_routing_s1" / "version_0" / "recipe.yaml").read_text()
     assert "init_modules: []" in tuned and "max_steps: 2" in tuned and "name: token_routing" in tuned
     assert "training_free: true" in (tmp_path / "study" / "tf_full_s0" / "version_0" / "recipe.yaml").read_text()
+    free = subprocess.run([sys.executable, "benchmarks/visref_study.py", "--runs", str(runs), "--out",
+                           str(tmp_path / "study_tf"), "--seeds", "0", "1", "--arms", "token_routing",
+                           "--training-free-only", "--doc", str(doc), *TOY[1:]],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert free.returncode == 0, free.stderr[-3000:]
+    text = doc.read_text()
+    assert "| training-free cIoU | training-free name_acc |" in text and "--training-free-only" in text
+    assert "| token_routing (route_start=0, proxy_ratio=0.125) | 0." in text
+    assert not list((tmp_path / "study_tf").glob("ft_*"))  # no fine-tune ran
 
 
 def test_the_study_refuses_an_unknown_arm_in_one_line(tmp_path: Path) -> None:

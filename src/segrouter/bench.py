@@ -195,20 +195,31 @@ def _from_recipes(args: argparse.Namespace, cfgs: dict[str, Any], device: torch.
                   dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy],
                                                dict[str, float], dict[str, Any]]:
     from segrouter.build import build
+    from segrouter.generate import generate, prompt_batch
 
     runs, strategies, visual = {}, {}, {}
     for name, cfg in cfgs.items():
         model, data = build(cfg)
         model = model.to(device=device, dtype=dtype).eval()
         samples = [data.dataset("val")[i] for i in range(args.batch)]
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in data.collate(samples).items()}
+        if args.decode_steps:  # end to end: the whole model on one prompt, prefill + decode steps + mask decoder
+            own = (samples[0]["mask_image"], samples[0]["mask_image_hw"]) if "mask_image" in samples[0] else None
+            batch = prompt_batch(model, data.tokenizer, samples[0]["image"], samples[0]["text"], cfg.data.prompt, own)
+        else:
+            batch = data.collate(samples)
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         batch["image"] = batch["image"].to(dtype)
         with torch.no_grad():
-            _, vis, seq, _, _ = model.encode(batch)
+            _, vis, seq, _, _ = model.encode(batch, prompt_only=bool(args.decode_steps))
         strategies[name] = model.routing
         visual[name] = float(vis.counts.float().mean())
-        runs[name] = (lambda m=model, s=seq: m.routing(m.llm, s))
-    return runs, strategies, visual, {"shape": "recipes", "batch": args.batch}
+        if args.decode_steps:
+            runs[name] = (lambda m=model, b=batch: generate(m, b, max_new_tokens=args.decode_steps, mask_at_end=True))
+        else:
+            runs[name] = (lambda m=model, s=seq: m.routing(m.llm, s))
+    scope = {"scope": f"end to end: prefill + {args.decode_steps} decode steps + mask decoder, 1 sample"} \
+        if args.decode_steps else {"batch": args.batch}
+    return runs, strategies, visual, {"shape": "recipes", **scope}
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -217,6 +228,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.flops_only and not args.random_init:
         raise SegrouterError("--flops-only counts a named LLM shape on meta tensors, so it needs --random-init",
                              fix=f"add --random-init SHAPE ({', '.join(SHAPES)})")
+    if args.decode_steps and (args.random_init or args.flops_only):
+        raise SegrouterError("--decode-steps times whole models built from the recipes",
+                             fix="drop --random-init / --flops-only, or drop --decode-steps")
     if args.out:
         output_file(args.out, "--out")
     # flops-only: the token bookkeeping's device
@@ -329,9 +343,10 @@ def format_table(r: dict[str, Any]) -> str:
             f"setup: {r['setup']}",
         ])
     sp, load = r["speedup_per_round"], r["load_average"]
+    what = "GFLOPs, all" if "scope" in r["setup"] else "LLM GFLOPs"  # --decode-steps: the whole model, end to end
     lines = [
         f"{'':<22}{'A: ' + a['name']:>24}{'B: ' + b['name']:>24}",
-        f"{'LLM GFLOPs':<22}{a['flops'] / 1e9:>24.3f}{b['flops'] / 1e9:>24.3f}",
+        f"{what:<22}{a['flops'] / 1e9:>24.3f}{b['flops'] / 1e9:>24.3f}",
         f"{'median time (ms)':<22}{a['median_s'] * 1e3:>24.2f}{b['median_s'] * 1e3:>24.2f}",
         f"{'visual tokens':<22}{a['visual_tokens']:>24.1f}{b['visual_tokens']:>24.1f}",
         f"{'attn tokens/layer':<22}{_short(a['attn_tokens']):>24}{_short(b['attn_tokens']):>24}",
@@ -371,6 +386,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flops-only", action="store_true",
                    help="--random-init: only count FLOPs, on meta tensors (no weights allocated, no timing), so "
                         "full-depth 7B/70B shapes fit anywhere")
+    p.add_argument("--decode-steps", type=at_least(1), metavar="N",
+                   help="end to end (recipes only): time and count the whole model on one prompt — vision, "
+                        "prefill by the routing strategy, N greedy decode steps with the KV cache, mask decoder")
     p.add_argument("--out", help="write the JSON result here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of recipe A (the candidate)")
 

@@ -29,12 +29,13 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from segrouter.arguments import file_in_the_way
 from segrouter.errors import SegrouterError
+
+if TYPE_CHECKING:  # torch is imported when the import runs, not when the CLI parses its arguments
+    import torch
 
 # segment-anything → HF SamModel substrings, applied in this order (transformers' convert_sam_to_hf.py)
 SAM_RENAMES: tuple[tuple[str, str], ...] = (
@@ -158,6 +159,7 @@ def write_llm(lisa: Path, config: dict[str, Any], llm: dict[str, torch.Tensor], 
 
 def write_sam(sam: dict[str, torch.Tensor], out: Path) -> None:
     """SAM as an HF ``SamModel`` directory; the vision encoder's size read from the tensors (ViT-B/L/H)."""
+    import torch
     from safetensors.torch import save_file
     from transformers import SamConfig, SamModel, SamVisionConfig
 
@@ -230,6 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from omegaconf import OmegaConf
 
     from segrouter.model.module import SegmentationMLLM

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segrouter.arguments import checked_device, output_file
+from segrouter.arguments import at_least, checked_device, output_file
 from segrouter.errors import DataError, SegrouterError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jsonl", help='batch file: one {"image", "text", "out"[, "overlay"]} per line')
     p.add_argument("--folder", help="segment every image in this folder with --text")
     p.add_argument("--out-dir", help="where --folder writes <stem>_mask.png and <stem>_overlay.png")
+    p.add_argument("--generate", action="store_true",
+                   help="the LLM writes its answer (greedy, with a KV cache; printed) and each [SEG] it writes gives "
+                        "a mask: --out for the first, <out>_2.png, ... for more (default: the answer template)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=32, help="answer length limit with --generate")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
 
@@ -87,6 +91,16 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
+def mask_input(model: Any, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The mask encoder's own letterbox of ``image`` and its content size, where it reads one (``sam_vit``)."""
+    from segrouter.images import letterbox, letterbox_size
+
+    size = getattr(model.mask_encoder, "input_size", None)
+    if size is None:
+        return None
+    return letterbox(image, None, size)[0], torch.tensor(letterbox_size(image.height, image.width, size))
+
+
 def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: torch.device) -> tuple[np.ndarray, int]:
     """Bool (H, W) mask at the image's own size for one expression, and how many visual tokens the LLM
     read (adaptive compressors such as ``sam_superpixel`` vary it per image)."""
@@ -94,12 +108,32 @@ def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: t
 
     size = model.image_size
     img, _ = letterbox(image, None, size)
-    batch = data.collate([{"image": img, "mask": torch.zeros(size, size), "text": text, "id": "0"}])
+    sample = {"image": img, "mask": torch.zeros(size, size), "text": text, "id": "0"}
+    own = mask_input(model, image)
+    if own is not None:
+        sample["mask_image"], sample["mask_image_hw"] = own
+    batch = data.collate([sample])
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.no_grad():
         out = model(batch)
     full = unletterbox(out["masks"][0], letterbox_size(image.height, image.width, size), (image.height, image.width))
     return (full > 0).cpu().numpy(), int(out["visual_tokens"][0])
+
+
+def generate_masks(model: Any, data: Any, image: Image.Image, text: str, device: torch.device,
+                   max_new_tokens: int) -> tuple[str, list[np.ndarray]]:
+    """The generated answer's text and one bool (H, W) mask per [SEG] it contains (:mod:`segrouter.generate`)."""
+    from segrouter.generate import generate, prompt_batch
+    from segrouter.images import letterbox, letterbox_size, unletterbox
+
+    size = model.image_size
+    batch = prompt_batch(model, data.tokenizer, letterbox(image, None, size)[0], text, data.cfg.data.prompt,
+                         mask_input(model, image))
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    tokens, logits = generate(model, batch, max_new_tokens=max_new_tokens, eos_token_id=data.tokenizer.eos_token_id)
+    hw, original = letterbox_size(image.height, image.width, size), (image.height, image.width)
+    return (data.tokenizer.decode(tokens, skip_special_tokens=False),
+            [(unletterbox(m, hw, original) > 0).cpu().numpy() for m in logits])
 
 
 def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
@@ -148,6 +182,17 @@ def run(args: argparse.Namespace) -> int:
     model.to(device).eval()
     for job in jobs:
         image = _read(job.image)
+        if args.generate:
+            answer, masks = generate_masks(model, data, image, job.text, device, args.max_new_tokens)
+            outs = [job.out if k == 1 else job.out.with_name(f"{job.out.stem}_{k}{job.out.suffix}")
+                    for k in range(1, 1 + len(masks))]
+            for mask, out in zip(masks, outs, strict=True):
+                _write(Image.fromarray(mask.astype(np.uint8) * 255), out)
+            if masks and job.overlay is not None:
+                _write(overlay(image, masks[0]), job.overlay)
+            wrote = ", ".join(f"{o} ({int(m.sum())} px)" for o, m in zip(outs, masks, strict=True))
+            print(f"segrouter: {job.image}: answer {answer!r} → {wrote or 'no mask (the answer has no [SEG])'}")
+            continue
         mask, visual_tokens = predict_mask(model, data, image, job.text, device)
         _write(Image.fromarray(mask.astype(np.uint8) * 255), job.out)
         if job.overlay is not None:

@@ -54,6 +54,13 @@ def render_answer(answer: str, mask_tokens: str, target: str | None) -> str:
     return answer.format(mask_tokens=mask_tokens, target=target)
 
 
+def encode_prompt(tok: PreTrainedTokenizerBase, expression: str, prompt: str) -> list[int]:
+    """Token ids of the prompt with the image placeholder: where the template says ``{image}`` (as LLaVA's
+    conversation does), else first. No BOS: :func:`encode_example` and generation add it."""
+    text = prompt.format(expression=expression, image=IMAGE_TOKEN)
+    return tok.encode(text if "{image}" in prompt else f"{IMAGE_TOKEN} {text}", add_special_tokens=False)
+
+
 def encode_example(
     tok: PreTrainedTokenizerBase,
     expression: str,
@@ -67,8 +74,7 @@ def encode_example(
     answer only; name labels hold the ids of the tokens that spell ``target`` in the answer (found by
     character offsets, so any fast tokenizer works) and -100 elsewhere, for the ``name_acc`` probe."""
     mask_str = " ".join(mask_token_names(num_mask_tokens))
-    text = prompt.format(expression=expression, image=IMAGE_TOKEN)
-    prefix = tok.encode(text if "{image}" in prompt else f"{IMAGE_TOKEN} {text}", add_special_tokens=False)
+    prefix = encode_prompt(tok, expression, prompt)
     reply_text = render_answer(answer, mask_str, target)
     reply = tok.encode(reply_text, add_special_tokens=False)
     names = [-100] * len(reply)

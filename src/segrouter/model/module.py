@@ -164,10 +164,11 @@ class SegmentationMLLM(L.LightningModule):
         self._step_start = 0.0
 
     # ----------------------------------------------------------------------------------------- forward
-    def encode(self, batch: dict[str, Any], control: str | None = None
+    def encode(self, batch: dict[str, Any], control: str | None = None, *, prompt_only: bool = False
                ) -> tuple[torch.Tensor, VisualTokens, TokenSequence, torch.Tensor, torch.Tensor]:
         """Everything before the LLM layers: (vision features, visual tokens, sequence, labels, mask positions).
-        ``control`` (see :func:`visual_control`) changes the visual tokens; ``model.blind_llm`` drops them."""
+        ``control`` (see :func:`visual_control`) changes the visual tokens; ``model.blind_llm`` drops them.
+        ``prompt_only``: the batch is a prompt without its answer (generation), so it has no mask token yet."""
         images = batch["image"]
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise SegrouterError(
@@ -188,6 +189,7 @@ class SegmentationMLLM(L.LightningModule):
             visual,
             self.image_token_id,
             self.mask_token_ids,
+            prompt_only=prompt_only,
         )
         return feats, visual, seq, labels, mask_pos
 

@@ -24,8 +24,11 @@ def build_sequence(
     visual: VisualTokens,
     image_token_id: int,
     mask_token_ids: list[int],
+    *,
+    prompt_only: bool = False,
 ) -> tuple[TokenSequence, torch.Tensor, torch.Tensor]:
-    """Return (sequence, labels (B, L), mask-token positions (B, K))."""
+    """Return (sequence, labels (B, L), mask-token positions (B, K)). ``prompt_only``: the sequence holds no
+    answer yet (generation's prefill), so no mask token is expected and the positions are (B, 0)."""
     b, t, d = text_embeds.shape
     device = text_embeds.device
     is_mask = torch.isin(input_ids, torch.tensor(mask_token_ids, device=device))
@@ -58,7 +61,7 @@ def build_sequence(
         positions=positions,
         coords=pad_sequence(coords, batch_first=True),
     )
-    mask_positions = _mask_positions(kinds_t, len(mask_token_ids))
+    mask_positions = _mask_positions(kinds_t, 0 if prompt_only else len(mask_token_ids))
     return seq, pad_sequence(labs, batch_first=True, padding_value=-100), mask_positions
 
 

@@ -15,13 +15,14 @@ strategy: every strategy already hands its per-layer masks to :meth:`LayerStats.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -57,6 +58,31 @@ class TokenSequence:
 
 
 _RECORDING_TOKENS: ContextVar[bool] = ContextVar("segrouter_recording_tokens", default=False)
+_FILLING_CACHE: ContextVar[Any] = ContextVar("segrouter_filling_cache", default=None)
+
+
+@contextmanager
+def filling_cache(cache: Any) -> Iterator[None]:
+    """Inside this block every decoder layer a strategy runs (:func:`run_layer`, :func:`attention_residual`)
+    appends the keys and values it computes to ``cache`` (an HF ``Cache``): the prefill of generation
+    (:mod:`segrouter.generate`). What each layer's cache holds is what the strategy let that layer's attention
+    see — pruned tokens are not in it — so the decode steps attend to exactly the prefill the strategy made.
+    Batches of one sample only: the cache keeps no padding mask."""
+    token = _FILLING_CACHE.set(cache)
+    try:
+        yield
+    finally:
+        _FILLING_CACHE.reset(token)
+
+
+def cache_kwargs(attention: nn.Module, cache: Any = None) -> dict[str, Any]:
+    """The keyword that hands ``cache`` (default: the one :func:`filling_cache` set, if any) to an HF attention
+    module or decoder layer: ``cache`` in current transformers, ``past_key_values`` before it."""
+    cache = _FILLING_CACHE.get() if cache is None else cache
+    if cache is None:
+        return {}
+    forward = inspect.signature(type(attention).forward).parameters
+    return {"cache" if "cache" in forward else "past_key_values": cache}
 
 
 @contextmanager
@@ -106,6 +132,12 @@ class RoutingStrategy(nn.Module):
 
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def decode_layers(self, num_layers: int, kind: Kind, after_mask: bool) -> range:
+        """The layers a token generated after the prefill runs (:mod:`segrouter.generate`): every layer, over the
+        keys and values the prefill left in each layer's cache. A strategy whose teacher-forced forward keeps a
+        kind of token out of some layers says so here (token routing's late ``[SEG]``)."""
+        return range(num_layers)
 
     def initial_state(self) -> str:
         """What this strategy computes while its own parameters keep their initialisation, as when it is applied
@@ -266,7 +298,8 @@ def run_layer(
     """One whole decoder layer (attention + FFN), with activation checkpointing when the LLM asks."""
 
     def fn(h: torch.Tensor) -> torch.Tensor:
-        return layer(h, attention_mask=bias, position_embeddings=position_embeddings, position_ids=positions)
+        return layer(h, attention_mask=bias, position_embeddings=position_embeddings, position_ids=positions,
+                     **cache_kwargs(layer))
 
     if getattr(llm, "gradient_checkpointing", False) and torch.is_grad_enabled():
         return checkpoint(fn, hidden, use_reentrant=False)
@@ -278,7 +311,7 @@ def attention_residual(
 ) -> torch.Tensor:
     """``h + Attn(norm(h))``: the first half of a pre-norm decoder layer."""
     out, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=position_embeddings,
-                             attention_mask=bias)
+                             attention_mask=bias, **cache_kwargs(layer.self_attn))
     return hidden + out
 
 

@@ -53,6 +53,7 @@ from segrouter.routing.base import (
     TokenSequence,
     attention_bias,
     attention_residual,
+    cache_kwargs,
     ffn_update,
     gather,
     received_attention,
@@ -333,7 +334,8 @@ class TokenRouting(SeededStrategy):
                               llm.rotary(h, positions), positions)
         k_bias, k_pe, k_pos = plan.attention
         h_k = gather(h, plan.f_idx)
-        delta = layer(h_k, attention_mask=k_bias, position_embeddings=k_pe, position_ids=k_pos) - h_k
+        delta = layer(h_k, attention_mask=k_bias, position_embeddings=k_pe, position_ids=k_pos,
+                      **cache_kwargs(layer)) - h_k
         if plan.weight is not None:
             delta = delta * gather(plan.weight, plan.f_idx).unsqueeze(-1)
         h = scatter(h, plan.f_idx, plan.f_ok, h_k + delta)
@@ -346,6 +348,12 @@ class TokenRouting(SeededStrategy):
         projector = self.projectors[str(i)]
         token = layer.input_layernorm(h_r) if projector.with_token else None
         return scatter(h, plan.r_idx, plan.r_ok, h_r + projector(update, token)), plan
+
+    def decode_layers(self, num_layers: int, kind: Kind, after_mask: bool) -> range:
+        """A generated mask token (and, with ``late_text``, text after the first one) enters at ``insert_layer``,
+        as in the teacher-forced forward; earlier layers' caches never see it."""
+        late = kind == Kind.MASK or (self.late_text and after_mask)
+        return range(self.insert_layer if late else 0, num_layers)
 
     def forward(self, llm: CausalLLM, seq: TokenSequence) -> torch.Tensor:
         h, pos, valid = seq.embeds, seq.positions, seq.valid
