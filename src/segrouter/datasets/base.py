@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from segrouter.errors import DataError
-from segrouter.images import BAD_IMAGE_ERRORS, letterbox, letterbox_size
+from segrouter.images import BAD_IMAGE_ERRORS, letterbox, letterbox_size, open_image
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,32 @@ def shared_images(train: Dataset, evaluated: Dataset) -> tuple[int, int, list[st
 
 
 # ----------------------------------------------------------------------- COCO-based referring annotations
+class COCOReferDataset(ReferringImageDataset):
+    """What RefCOCO/+/g and gRefCOCO share: COCO images named by ``instances.json``, one sample per (ref,
+    sentence) with records ``(image_id, objects, ref_id, sentence)``, and the split they were read for
+    (``refer_split``)."""
+
+    images: dict[int, dict[str, Any]]
+    image_dir: Path
+    refer_split: str
+
+    def _keep_images(self, items: list[tuple[Any, ...]]) -> None:
+        """Keep the records whose image file exists (see :meth:`_keep_readable`), then apply ``max_samples``."""
+        self._keep_readable(items, lambda it: self.image_dir / self.images[it[0]]["file_name"], self.image_dir)
+        self._limit()
+
+    def image_keys(self) -> set[str]:
+        return {str(self.images[it[0]]["file_name"]) for it in self.items}
+
+    def sample_id(self, index: int) -> str:
+        return f"{self.refer_split}-ref{self.items[index][2]}-{index}"
+
+    def read_image(self, image_id: int) -> tuple[Image.Image, int, int]:
+        """The image and its (height, width) as ``instances.json`` gives them (the masks' size)."""
+        info = self.images[image_id]
+        return open_image(self.image_dir / info["file_name"]), int(info["height"]), int(info["width"])
+
+
 @dataclass(frozen=True)
 class ReferAnnotations:
     """One ``refer``-layout annotation set (RefCOCO/+/g, gRefCOCO): its refs and the COCO ``instances.json``

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from segrouter.datasets.base import ReferringImageDataset, read_refer
+from segrouter.datasets.base import COCOReferDataset, read_refer
 from segrouter.errors import DataError
-from segrouter.images import open_image, segmentation_to_mask
+from segrouter.images import segmentation_to_mask
 from segrouter.registry import register
 
 GREFCOCO_SPLITS: tuple[str, ...] = ("train", "val", "testA", "testB")
@@ -38,7 +38,7 @@ NO_TARGET = "nothing"  # the answer's {target} for a no-target sample
 
 
 @register("dataset", "grefcoco")
-class GRefCOCODataset(ReferringImageDataset):
+class GRefCOCODataset(COCOReferDataset):
     """gRefCOCO from ReLA's layout; ``val_split`` / ``test_split`` say which gRefCOCO split the data module's
     ``val`` / ``test`` mean. Missing images are dropped at construction, corrupt ones skipped at load time (as
     in :class:`~segrouter.datasets.refcoco.RefCOCODataset`)."""
@@ -87,20 +87,11 @@ class GRefCOCODataset(ReferringImageDataset):
             found = sorted({str(r.get("split")) for r in annotations.refs})
             raise DataError(f"grefcoco: no refs in split '{self.refer_split}'",
                             fix=f"splits in this file: {', '.join(found)}")
-        self._keep_readable(items, lambda it: self.image_dir / self.images[it[0]]["file_name"], self.image_dir)
-        self._limit()
-
-    def image_keys(self) -> set[str]:
-        return {str(self.images[it[0]]["file_name"]) for it in self.items}
-
-    def sample_id(self, index: int) -> str:
-        return f"{self.refer_split}-ref{self.items[index][2]}-{index}"
+        self._keep_images(items)
 
     def load(self, index: int) -> dict[str, Any]:
         image_id, anns, _, sent = self.items[index]
-        info = self.images[image_id]
-        image = open_image(self.image_dir / info["file_name"])
-        h, w = int(info["height"]), int(info["width"])
+        image, h, w = self.read_image(image_id)
         mask = np.zeros((h, w), dtype=bool)
         for a in anns:
             mask |= segmentation_to_mask(self.anns[a]["segmentation"], h, w)

@@ -24,9 +24,9 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from segrouter.datasets.base import ReferringImageDataset, read_refer
+from segrouter.datasets.base import COCOReferDataset, read_refer
 from segrouter.errors import DataError
-from segrouter.images import open_image, segmentation_to_mask
+from segrouter.images import segmentation_to_mask
 from segrouter.registry import register
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ REFER_SPLITS: tuple[str, ...] = ("train", "val", "testA", "testB", "test")
 
 # ---------------------------------------------------------------------------------------- RefCOCO
 @register("dataset", "refcoco")
-class RefCOCODataset(ReferringImageDataset):
+class RefCOCODataset(COCOReferDataset):
     """RefCOCO/+/g from the ``refer`` layout. The data module asks for ``train``/``val``/``test``;
     ``val_split`` and ``test_split`` say which refer split those mean, so e.g.
     ``data.dataset.test_split=testA`` evaluates on testA (RefCOCO/+ have val/testA/testB, RefCOCOg-umd
@@ -85,20 +85,12 @@ class RefCOCODataset(ReferringImageDataset):
                 f"refcoco: no refs in split '{refer_split}' of {refs_path}",
                 fix=f"splits in this file: {', '.join(sorted(found))}",
             )
-        self._keep_readable(items, lambda it: self.image_dir / self.images[it[0]]["file_name"], self.image_dir)
-        self._limit()
-
-    def image_keys(self) -> set[str]:
-        return {str(self.images[it[0]]["file_name"]) for it in self.items}
-
-    def sample_id(self, index: int) -> str:
-        return f"{self.refer_split}-ref{self.items[index][2]}-{index}"
+        self._keep_images(items)
 
     def load(self, index: int) -> dict[str, Any]:
-        image_id, ann_id, ref_id, sent = self.items[index]
-        info = self.images[image_id]
-        image = open_image(self.image_dir / info["file_name"])
-        mask = segmentation_to_mask(self.anns[ann_id]["segmentation"], int(info["height"]), int(info["width"]))
+        image_id, ann_id, _, sent = self.items[index]
+        image, h, w = self.read_image(image_id)
+        mask = segmentation_to_mask(self.anns[ann_id]["segmentation"], h, w)
         category = self.categories.get(int(self.anns[ann_id].get("category_id", -1)))
         # the category names the target in answers with {target} (training only)
         return self.sample(index, image, mask, sent, **({"target": category} if category is not None else {}))
