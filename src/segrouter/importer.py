@@ -254,28 +254,30 @@ def run(args: argparse.Namespace) -> int:
     llm, sam, own = split_lisa(read_weights(lisa, "--from"))
     depth = projector_depth(own)
     # a bad override fails here, before anything is written
-    cfg = lisa_recipe(Path(args.recipe), out.resolve(), clip.resolve(), clip_size, depth, list(args.overrides))
+    overrides = list(args.overrides)
+    cfg = lisa_recipe(Path(args.recipe), out.resolve(), clip.resolve(), clip_size, depth, overrides)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    try:
+    try:  # everything is made in the staging folder, renamed to --out only when complete
         (staging / "llm").mkdir(parents=True)
         (staging / "sam").mkdir()
         write_llm(lisa, config, llm, staging / "llm")
         write_sam(sam, staging / "sam")
-        staging.rename(out)  # the paths in the recipe are final from here
+        # the model alone (no dataset: the recipe's data settings may point where the data is not, e.g. a laptop)
+        here = lisa_recipe(Path(args.recipe), staging.resolve(), clip.resolve(), clip_size, depth, overrides)
+        model = SegmentationMLLM(here, build_tokenizer(here.model.llm.path, [], int(here.model.num_mask_tokens)))
+        projector = {"model.mm_projector.": model.compressor.proj[0]} if depth == 1 else \
+            {f"model.mm_projector.{i}.": model.compressor.proj[i] for i in (0, 2)}
+        fcs = {f"model.text_hidden_fcs.0.{i}.": model.text_proj[i] for i in (0, 2)}
+        with torch.no_grad():
+            for prefix, linear in {**projector, **fcs}.items():
+                for name in ("weight", "bias"):
+                    getattr(linear, name).copy_(own[prefix + name])
+        OmegaConf.save(cfg, staging / "lisa.yaml")
+        torch.save({"state_dict": model.state_dict(), "hyper_parameters": {"recipe": OmegaConf.to_container(cfg)}},
+                   staging / "lisa.ckpt")
+        staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    # the model alone (no dataset: the recipe's data settings may point where the data is not, e.g. a laptop)
-    model = SegmentationMLLM(cfg, build_tokenizer(cfg.model.llm.path, [], int(cfg.model.num_mask_tokens)))
-    projector = {"model.mm_projector.": model.compressor.proj[0]} if depth == 1 else \
-        {f"model.mm_projector.{i}.": model.compressor.proj[i] for i in (0, 2)}
-    fcs = {f"model.text_hidden_fcs.0.{i}.": model.text_proj[i] for i in (0, 2)}
-    with torch.no_grad():
-        for prefix, linear in {**projector, **fcs}.items():
-            for name in ("weight", "bias"):
-                getattr(linear, name).copy_(own[prefix + name])
-    OmegaConf.save(cfg, out / "lisa.yaml")
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {"recipe": OmegaConf.to_container(cfg)}},
-               out / "lisa.ckpt")
     print(f"segrouter: imported {lisa} into {out}: recipe {out / 'lisa.yaml'}, checkpoint {out / 'lisa.ckpt'}")
     return 0
