@@ -79,11 +79,11 @@ def run_suite(cfg: DictConfig, suite: str, model: Any, tokenizer: Any, run_dir: 
     ``suite.json`` and ``suite.md`` to ``run_dir`` and print the table. Returns the rows."""
     import lightning as L
 
-    from segrouter.datasets.base import shared_images
+    from segrouter.datasets.base import image_keys, shared_images
     from segrouter.datasets.datamodule import SegDataModule
 
-    try:
-        train = SegDataModule(cfg, tokenizer).dataset("train")
+    try:  # the recipe's training images, named once for every split's leak column
+        train = image_keys(SegDataModule(cfg, tokenizer).dataset("train"))
     except DataError:
         train = None  # no training split on disk: the leak column says so
     stamp, settings = protocol_stamp(cfg, suite)
@@ -97,7 +97,7 @@ def run_suite(cfg: DictConfig, suite: str, model: Any, tokenizer: Any, run_dir: 
                             enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=t.enable_progress_bar, limit_test_batches=t.limit_test_batches)
         scores = trainer.test(model, datamodule=data, verbose=False)[0]
-        shared, total, _ = shared_images(train, evaluated) if train is not None else (None, None, [])
+        shared, total, _ = shared_images(train, evaluated.image_keys()) if train is not None else (None, None, [])
         rows.append({
             "dataset": dataset, "split_by": split_by, "split": split,
             "samples": len(evaluated), "missing": getattr(evaluated, "missing", 0), "skipped": evaluated.skipped,

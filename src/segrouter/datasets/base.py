@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,14 @@ class ReferringImageDataset(Dataset):
     def skipped(self) -> int:
         """Number of distinct samples skipped so far because their image could not be read."""
         return len(self.skipped_ids)
+
+    def source_split(self, val_split: str, test_split: str, valid: Sequence[str] | None = None) -> str:
+        """The dataset's own name for the data module's split (``val`` and ``test`` are what the recipe's
+        ``val_split`` / ``test_split`` say); with ``valid``, a name outside it is one error."""
+        name = {"train": "train", "val": val_split, "test": test_split}.get(self.split, self.split)
+        if valid is not None and name not in valid:
+            raise DataError(f"{self.name}: unknown split '{name}'", fix=f"valid splits: {', '.join(valid)}")
+        return name
 
     def _keep_readable(self, items: list[Any], path: Any, where: Path) -> None:
         """``self.items``: those of ``items`` whose image file (``path(item)``) exists; the others are counted in
@@ -126,14 +135,17 @@ class ReferringImageDataset(Dataset):
         raise DataError(f"{self.name}: no readable image in split '{self.split}'", fix="check the image folder")
 
 
-def shared_images(train: Dataset, evaluated: Dataset) -> tuple[int, int, list[str]]:
-    """The leak check: how many of ``evaluated``'s images are also training images, out of how many, and a few of
-    them (sorted). (0, 0, []) when either dataset cannot name its images."""
-    keys = [getattr(d, "image_keys", lambda: None)() for d in (train, evaluated)]
-    if keys[0] is None or keys[1] is None:
-        return 0, 0, []
-    both = keys[0] & keys[1]
-    return len(both), len(keys[1]), sorted(both)[:3]
+def image_keys(dataset: Dataset) -> set[str] | None:
+    """A dataset's image names for the leak check (:meth:`ReferringImageDataset.image_keys`); None for datasets
+    that have none (the synthetic one)."""
+    return getattr(dataset, "image_keys", lambda: None)()
+
+
+def shared_images(train: set[str], evaluated: set[str]) -> tuple[int, int, list[str]]:
+    """The leak check on two datasets' image names (:func:`image_keys`): how many of the evaluated images are
+    also training images, out of how many, and a few of them (sorted)."""
+    both = train & evaluated
+    return len(both), len(evaluated), sorted(both)[:3]
 
 
 # ----------------------------------------------------------------------- COCO-based referring annotations
@@ -145,6 +157,14 @@ class COCOReferDataset(ReferringImageDataset):
     images: dict[int, dict[str, Any]]
     image_dir: Path
     refer_split: str
+
+    def _image_folder(self, image_dir: str) -> Path:
+        """``image_dir``, which must be a folder (COCO train2014)."""
+        folder = Path(image_dir)
+        if not folder.is_dir():
+            raise DataError(f"{self.name}: image folder not found: {folder}",
+                            fix="set data.dataset.image_dir (COCO train2014)")
+        return folder
 
     def _keep_images(self, items: list[tuple[Any, ...]]) -> None:
         """Keep the records whose image file exists (see :meth:`_keep_readable`), then apply ``max_samples``."""

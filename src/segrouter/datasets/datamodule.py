@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from segrouter.datasets.base import shared_images
+from segrouter.datasets.base import image_keys, shared_images
 from segrouter.errors import DataError
 from segrouter.recipe import component
 from segrouter.registry import registry
@@ -89,13 +89,15 @@ class SegDataModule(L.LightningDataModule):
         """Warn when images of ``split`` are also training images (scores on them measure memory): (shared,
         evaluated) image counts, or None when the check cannot run (a dataset without image names, such as the
         synthetic one, or a training split that is not on disk)."""
-        evaluated = self.dataset(split)
-        if getattr(evaluated, "image_keys", lambda: None)() is None:
+        evaluated = image_keys(self.dataset(split))
+        if evaluated is None:
             return None
         try:
-            train = self.dataset("train")
+            train = image_keys(self.dataset("train"))
         except DataError as exc:
             log.info("leak check of %s skipped: the training split cannot be read (%s)", split, exc)
+            return None
+        if train is None:
             return None
         shared, total, some = shared_images(train, evaluated)
         if shared:

@@ -58,18 +58,12 @@ class GRefCOCODataset(COCOReferDataset):
         test_split: str = "testA",
     ) -> None:
         super().__init__(split, image_size, max_samples)
-        self.refer_split = {"train": "train", "val": val_split, "test": test_split}.get(split, split)
-        if self.refer_split not in GREFCOCO_SPLITS:
-            raise DataError(f"grefcoco: unknown split '{self.refer_split}'",
-                            fix=f"valid splits: {', '.join(GREFCOCO_SPLITS)}")
+        self.refer_split = self.source_split(val_split, test_split, GREFCOCO_SPLITS)
         base = Path(root) / "grefcoco"
         pickled = base / "grefs(unc).p"
         annotations = read_refer(pickled if pickled.is_file() else base / "grefs(unc).json",
                                  base / "instances.json", "grefcoco")
-        self.image_dir = Path(image_dir)
-        if not self.image_dir.is_dir():
-            raise DataError(f"grefcoco: image folder not found: {self.image_dir}",
-                            fix="set data.dataset.image_dir (COCO train2014)")
+        self.image_dir = self._image_folder(image_dir)
         self.images, self.anns, self.categories = annotations.images, annotations.anns, annotations.categories
         items: list[tuple[int, tuple[int, ...], int, str]] = []  # (image_id, ann_ids, ref_id, sentence)
         for ref in annotations.refs:

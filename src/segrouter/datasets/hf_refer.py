@@ -53,7 +53,7 @@ class HFReferDataset(ReferringImageDataset):
         except (FileNotFoundError, ValueError, OSError) as exc:
             raise DataError(f"hf_refer: cannot load dataset folder {path}: {type(exc).__name__}",
                             fix="point data.dataset.path at a save_to_disk folder") from None
-        name = {"train": "train", "val": val_split, "test": test_split}.get(split, split)
+        name = self.source_split(val_split, test_split)  # checked against the folder's splits below
         if not isinstance(dd, datasets.DatasetDict) or name not in dd:
             have = list(dd) if isinstance(dd, datasets.DatasetDict) else ["(a single Dataset, no splits)"]
             raise DataError(f"hf_refer: split '{name}' not in {path}",

@@ -84,10 +84,7 @@ class ReasonSegDataset(ReferringImageDataset):
         test_split: str = "test",
     ) -> None:
         super().__init__(split, image_size, max_samples)
-        self.reason_split = {"train": "train", "val": val_split, "test": test_split}.get(split, split)
-        if self.reason_split not in REASONSEG_SPLITS:
-            raise DataError(f"reasonseg: unknown split '{self.reason_split}'",
-                            fix=f"valid splits: {', '.join(REASONSEG_SPLITS)}")
+        self.reason_split = self.source_split(val_split, test_split, REASONSEG_SPLITS)
         folder = Path(root) / self.reason_split
         if not folder.is_dir():
             raise DataError(f"reasonseg: folder not found: {folder}",

@@ -60,16 +60,11 @@ class RefCOCODataset(COCOReferDataset):
         test_split: str = "test",
     ) -> None:
         super().__init__(split, image_size, max_samples)
-        refer_split = {"train": "train", "val": val_split, "test": test_split}.get(split, split)
-        if refer_split not in REFER_SPLITS:
-            raise DataError(f"refcoco: unknown split '{refer_split}'", fix=f"valid splits: {', '.join(REFER_SPLITS)}")
+        refer_split = self.source_split(val_split, test_split, REFER_SPLITS)
         base = Path(root) / dataset
         refs_path = base / f"refs({split_by}).p"
         annotations = read_refer(refs_path, base / "instances.json", "refcoco")
-        self.image_dir = Path(image_dir)
-        if not self.image_dir.is_dir():
-            raise DataError(f"refcoco: image folder not found: {self.image_dir}",
-                            fix="set data.dataset.image_dir (COCO train2014)")
+        self.image_dir = self._image_folder(image_dir)
         refs = annotations.refs
         self.images, self.anns, self.categories = annotations.images, annotations.anns, annotations.categories
         self.refer_split = refer_split
