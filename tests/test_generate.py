@@ -53,7 +53,7 @@ def test_generated_seg_gives_the_teacher_forced_mask(tmp_path: Path, routing: st
     model.eval()
     tok = data.tokenizer
     word, seg = tok.convert_tokens_to_ids(["it", "[SEG]"])
-    batch = prompt_batch(model, tok, scene(), "the red circle", cfg.data.prompt)
+    batch = prompt_batch(tok, scene(), "the red circle", cfg.data.prompt)
     model.llm.lm_head = Scripted([word, seg, tok.eos_token_id], len(tok))
     tokens, masks = generate(model, batch, eos_token_id=tok.eos_token_id)
     assert tokens == [word, seg] and len(masks) == 1 and masks[0].shape == (32, 32)
@@ -74,7 +74,7 @@ def test_pruned_tokens_are_not_in_later_caches(tmp_path: Path, monkeypatch: pyte
     model, data = build_model(cfg)
     model.eval()
     tok = data.tokenizer
-    batch = prompt_batch(model, tok, scene(), "the red circle", cfg.data.prompt)
+    batch = prompt_batch(tok, scene(), "the red circle", cfg.data.prompt)
     model.llm.lm_head = Scripted([tok.eos_token_id], len(tok))
     assert generate(model, batch, eos_token_id=tok.eos_token_id) == ([], [])
     # BOS, the prompt's tokens with the one <image> placeholder replaced by the 4x4 grid's 16 visual tokens

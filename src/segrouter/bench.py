@@ -204,7 +204,7 @@ def _from_recipes(args: argparse.Namespace, cfgs: dict[str, Any], device: torch.
         samples = [data.dataset("val")[i] for i in range(args.batch)]
         if args.decode_steps:  # end to end: the whole model on one prompt, prefill + decode steps + mask decoder
             own = (samples[0]["mask_image"], samples[0]["mask_image_hw"]) if "mask_image" in samples[0] else None
-            batch = prompt_batch(model, data.tokenizer, samples[0]["image"], samples[0]["text"], cfg.data.prompt, own)
+            batch = prompt_batch(data.tokenizer, samples[0]["image"], samples[0]["text"], cfg.data.prompt, own)
         else:
             batch = data.collate(samples)
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}

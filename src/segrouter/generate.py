@@ -26,13 +26,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from segrouter.errors import SegrouterError
 from segrouter.routing.base import Kind, cache_kwargs, filling_cache
 
 
-def prompt_batch(model: Any, tokenizer: Any, image: torch.Tensor, expression: str, prompt: str,
+def prompt_batch(tokenizer: Any, image: torch.Tensor, expression: str, prompt: str,
                  mask_image: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
     """A one-sample batch of the prompt alone (no answer): ``image`` (3, S, S) letterboxed; ``mask_image`` the
     mask encoder's own letterbox and its content size, where it reads one."""
@@ -86,10 +85,8 @@ def generate(model: Any, batch: dict[str, Any], *, max_new_tokens: int = 32, eos
             h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=ids, **cache_kwargs(layer, cache))
         state = llm.norm(h)[0, 0]
         if kind == Kind.MASK:
-            low = model.mask_decoder(features, model.text_proj(state)[None, None])
-            masks.append(F.interpolate(low[:, None], size=size, mode="bilinear", align_corners=False)[0, 0])
+            masks.append(model.decode_masks(features, state[None, None], size)[0])
         position += 1
     if mask_at_end and not masks:
-        low = model.mask_decoder(features, model.text_proj(state)[None, None])
-        masks.append(F.interpolate(low[:, None], size=size, mode="bilinear", align_corners=False)[0, 0])
+        masks.append(model.decode_masks(features, state[None, None], size)[0])
     return tokens, masks

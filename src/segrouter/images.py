@@ -54,6 +54,12 @@ def letterbox(image: Image.Image, mask: np.ndarray | None, size: int) -> tuple[t
     return img, out
 
 
+def letterbox_input(image: Image.Image, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An encoder's own input: ``image`` letterboxed at ``size`` (3, size, size) and its (h, w) inside the padding,
+    as a tensor (a mask encoder that reads its own resolution, e.g. SAM's 1024)."""
+    return letterbox(image, None, size)[0], torch.tensor(letterbox_size(image.height, image.width, size))
+
+
 def unletterbox(logits: torch.Tensor, content_hw: tuple[int, int], original_hw: tuple[int, int]) -> torch.Tensor:
     """Mask logits (S, S) of a letterboxed image back on the original image's pixels (H, W): the padding cropped
     off (``content_hw``, from :func:`letterbox_size`), then a bilinear resize (LISA's ``postprocess_masks``)."""

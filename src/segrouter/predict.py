@@ -93,12 +93,10 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
 
 def mask_input(model: Any, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The mask encoder's own letterbox of ``image`` and its content size, where it reads one (``sam_vit``)."""
-    from segrouter.images import letterbox, letterbox_size
+    from segrouter.images import letterbox_input
 
     size = getattr(model.mask_encoder, "input_size", None)
-    if size is None:
-        return None
-    return letterbox(image, None, size)[0], torch.tensor(letterbox_size(image.height, image.width, size))
+    return None if size is None else letterbox_input(image, size)
 
 
 def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: torch.device) -> tuple[np.ndarray, int]:
@@ -127,7 +125,7 @@ def generate_masks(model: Any, data: Any, image: Image.Image, text: str, device:
     from segrouter.images import letterbox, letterbox_size, unletterbox
 
     size = model.image_size
-    batch = prompt_batch(model, data.tokenizer, letterbox(image, None, size)[0], text, data.cfg.data.prompt,
+    batch = prompt_batch(data.tokenizer, letterbox(image, None, size)[0], text, data.cfg.data.prompt,
                          mask_input(model, image))
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     tokens, logits = generate(model, batch, max_new_tokens=max_new_tokens, eos_token_id=data.tokenizer.eos_token_id)

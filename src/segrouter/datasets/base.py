@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from segrouter.errors import DataError
-from segrouter.images import BAD_IMAGE_ERRORS, letterbox, letterbox_size, open_image
+from segrouter.images import BAD_IMAGE_ERRORS, letterbox, letterbox_input, letterbox_size, open_image
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ class ReferringImageDataset(Dataset):
         if ignore is not None:
             out["ignore"] = letterbox(image, ignore, self.image_size)[1] > 0.5
         if self.mask_image_size is not None:  # the mask encoder's own letterbox of the original (LISA's SAM input)
-            out["mask_image"] = letterbox(image, None, self.mask_image_size)[0]
-            out["mask_image_hw"] = torch.tensor(letterbox_size(image.height, image.width, self.mask_image_size))
+            out["mask_image"], out["mask_image_hw"] = letterbox_input(image, self.mask_image_size)
         if self.split != "train":
             out["original_mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))
             out["content_hw"] = torch.tensor(letterbox_size(image.height, image.width, self.image_size))

@@ -201,9 +201,7 @@ class SegmentationMLLM(L.LightningModule):
             hidden, llm_flops = count_flops(lambda: self.routing(self.llm, seq))
         else:
             hidden = self.routing(self.llm, seq)
-        prompts = self.text_proj(gather(hidden, mask_pos))
-        low = self.mask_decoder(self.decoder_features(batch, feats), prompts)
-        masks = F.interpolate(low[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        masks = self.decode_masks(self.decoder_features(batch, feats), gather(hidden, mask_pos), images.shape[-2:])
         return {
             "masks": masks,
             "features": feats,
@@ -213,6 +211,12 @@ class SegmentationMLLM(L.LightningModule):
             "visual": visual,
             "llm_flops": llm_flops,
         }
+
+    def decode_masks(self, features: torch.Tensor, states: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Mask logits (B, *size) from the mask decoder's features and the LLM's mask-token states (B, K, D):
+        projected by ``text_proj`` into the decoder's prompt, decoded, upsampled to the model's input size."""
+        low = self.mask_decoder(features, self.text_proj(states))
+        return F.interpolate(low[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
     def decoder_features(self, batch: dict[str, Any], feats: torch.Tensor) -> torch.Tensor:
         """What the mask decoder reads: the vision features the LLM's tokens come from, or the mask encoder's
