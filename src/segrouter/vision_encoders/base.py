@@ -19,5 +19,15 @@ class VisionEncoder(nn.Module):
     # encoder); datasets of real images then put it in the batch as ``mask_image``. None: it reads the model's input
     input_size: int | None = None
 
+    def set_normalisation(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        """The per-channel mean and std (images in [0, 1]) that :meth:`normalise` applies: buffers that move with
+        the module and stay out of checkpoints."""
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (B, 3, H, W) in [0, 1], normalised as the encoder's weights expect."""
+        return (images - self.mean) / self.std
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

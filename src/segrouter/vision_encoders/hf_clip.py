@@ -68,8 +68,7 @@ class HFCLIP(VisionEncoder):
         self.out_dim = int(config.hidden_size)
         side = image_size // int(config.patch_size)
         self.grid_size = (side, side)
-        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        self.set_normalisation(_MEAN, _STD)
         if freeze:
             self.clip.requires_grad_(False)
 
@@ -85,7 +84,7 @@ class HFCLIP(VisionEncoder):
                              param="num_heads", fix="pick num_heads dividing hidden_size")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.clip(pixel_values=(images - self.mean) / self.std, output_hidden_states=True)
+        out = self.clip(pixel_values=self.normalise(images), output_hidden_states=True)
         # hidden_states[0] is the embedding output, so index -2 is the second-to-last layer's output, as LLaVA's
         x = out.hidden_states[self.select_layer][:, 1:]
         h, w = self.grid_size

@@ -71,8 +71,7 @@ class SamViT(VisionEncoder):
         self.out_dim = int(config.output_channels)
         side = self.input_size // int(config.patch_size)
         self.grid_size = (side, side)
-        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        self.set_normalisation(_MEAN, _STD)
         if freeze:
             self.encoder.requires_grad_(False)
 
@@ -102,7 +101,7 @@ class SamViT(VisionEncoder):
         if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
                                    align_corners=False)
-        x = (images - self.mean) / self.std
+        x = self.normalise(images)
         if content_hw is not None:  # SAM pads with zeros after normalising
             rows = torch.arange(self.input_size, device=x.device)
             inside = (rows[None, :, None] < content_hw[:, 0, None, None]) & \

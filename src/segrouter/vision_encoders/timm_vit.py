@@ -79,8 +79,7 @@ class TimmViT(VisionEncoder):
         self.out_dim = int(self.vit.embed_dim)
         self.grid_size = tuple(self.vit.patch_embed.grid_size)  # type: ignore[assignment]
         self.num_prefix = int(self.vit.num_prefix_tokens)
-        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        self.set_normalisation(_MEAN, _STD)
         if freeze:
             self.vit.requires_grad_(False)
 
@@ -111,7 +110,7 @@ class TimmViT(VisionEncoder):
                              param="num_heads", fix="pick num_heads dividing embed_dim")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.vit.forward_features((images - self.mean) / self.std)
+        x = self.vit.forward_features(self.normalise(images))
         x = x[:, self.num_prefix :]
         h, w = self.grid_size
         return x.transpose(1, 2).reshape(x.shape[0], self.out_dim, h, w)
