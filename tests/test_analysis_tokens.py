@@ -54,7 +54,7 @@ def test_full_is_at_chance_and_keeping_the_target_is_one(tmp_path: Path) -> None
     assert full["layers"]["inside"] == pytest.approx([full["chance"]] * 2)
 
     with torch.no_grad():
-        seq = model.encode(batch)[2]
+        seq = model.encode(batch).seq
         model.routing(model.llm, seq)
     assert model.routing.stats.ffn_masks is None  # off outside token_placement's recording_tokens()
     model.routing = _KeepOnTarget(seq.is_kind(Kind.IMAGE) & inside_mask(seq.coords, batch["mask"]))

@@ -160,6 +160,40 @@ def test_sam_decoder_without_neck_needs_a_sam_embedding(tmp_path: Path, capsys: 
     assert "neck: false needs features of the decoder's width (32)" in capsys.readouterr().err
 
 
+def test_superpixels_reuse_the_mask_encoders_sam_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """LISA's architecture with the SAM superpixel projector reusing its SAM (the paper's setting): SAM's image
+    encoder runs once per forward, for the decoder and the superpixels both, on the dataset's own letterbox of
+    the original image; the LLM-side image's padding makes no token. Without a SAM mask encoder: exit 2."""
+    from segrouter.superpixels.sam_amg import tiny_sam_config
+
+    torch.manual_seed(0)
+    SamModel(tiny_sam_config(width=32, image_size=SAM_SIZE, patch_size=16)).save_pretrained(tmp_path / "sam")
+    root, images = make_layout(tmp_path)
+    data = ["data.dataset.name=refcoco", f"data.dataset.root={root}", f"data.dataset.image_dir={images}",
+            "data.dataset.image_size=32", "data.batch_size=2", "data.eval_batch_size=2"]
+    ssp = ["model.compressor.name=sam_superpixel", "model.compressor.generator=sam",
+           f"model.compressor.sam_path={tmp_path / 'sam'}", "model.compressor.reuse_mask_encoder=true",
+           "model.compressor.points_per_side=4", "model.compressor.pred_iou_thresh=0.0",
+           "model.compressor.stability_thresh=0.0", "model.compressor.min_area=2", "model.compressor.aggregator_heads=2"]
+    arch = [*lisa_arch(tmp_path, f"model.mask_encoder.path={tmp_path / 'sam'}", "model.mask_decoder.embed_dim=32"),
+            *ssp, *data]
+    model, dm = build_model(tiny_cfg(tmp_path, *arch[1:]))
+    train = dm.dataset("train")
+    sample = next(s for s in (train[i] for i in range(len(train))) if tuple(s["content_hw"].tolist()) != (32, 32))
+    batch = dm.collate([sample])
+    calls = []
+    model.mask_encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    tokens = model(batch)["visual"]
+    assert calls == [(1, 3, SAM_SIZE, SAM_SIZE)]  # one SAM pass, on the dataset's letterbox at SAM's size
+    h, w = sample["content_hw"].tolist()
+    assert (tokens.coords[0, tokens.mask[0], 0] < h / 32).all() and (tokens.coords[0, tokens.mask[0], 1] < w / 32).all()
+    assert main(["fit", "--recipe", TINY, *arch]) == 0
+    capsys.readouterr()
+    assert main(["fit", "--recipe", TINY, f"output_dir={tmp_path}/no_sam", *ssp]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "segrouter" in line or "Error" in line]
+    assert len(err) == 1 and "reuse_mask_encoder needs the model's SAM mask encoder, and the model has none" in err[0]
+
+
 # ------------------------------------------------------------------------------------------- import lisa
 def make_lisa(tmp: Path) -> tuple[Path, Path, dict[str, torch.Tensor], SamModel, CLIPVisionModel]:
     """A LISA-7B-v1-layout directory at toy size (HF config, pytorch_model.bin in LISA's key names, tokenizer

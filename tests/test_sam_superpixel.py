@@ -179,6 +179,98 @@ def test_tokens_are_in_centroid_raster_order() -> None:
     np.testing.assert_allclose(xs, [0.25, 0.75, 0.25, 0.75])
 
 
+# ------------------------------------------------------------------------------------- letterbox padding
+def test_region_stats_leave_unlabelled_pixels_out() -> None:
+    # the right half is padding (-1): it belongs to no region, yet cells keep their full pixel count
+    labels = np.array([[0, 0, -1, -1], [1, 1, -1, -1], [1, 1, -1, -1], [1, 1, -1, -1]])
+    stats = region_stats(labels, (2, 2))
+    np.testing.assert_allclose(stats.occupancy, [[0.5, 0, 0, 0], [0.5, 0, 1, 0]])
+    np.testing.assert_allclose(stats.centroids, [[0.125, 0.25], [0.625, 0.25]])
+    np.testing.assert_allclose(stats.geometry[:, 6], [2 / 16, 6 / 16])  # area fractions of the whole image
+
+
+def test_the_letterbox_padding_is_no_region() -> None:
+    """A dark object touching the black padding: partitioned with the padding (as before), SLIC's colour merging
+    joins them into one region; partitioned inside ``content_hw`` (as now), the padding is no region at all,
+    makes no token, and the object is a region of its own."""
+    from segrouter.compressors.base import ImageContext
+
+    image = np.full((32, 32, 3), 200, dtype=np.uint8)
+    image[:, 24:] = 0  # the letterbox padding: content (32, 24)
+    image[8:20, 16:24] = 3  # a near-black object touching it
+    images = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    proj = SAMSuperpixelProjector(8, 16, (4, 4), aggregator_heads=2, n_segments=16, min_area=4)
+    padded = proj.partition(image)
+    assert padded[10, 20] == padded[10, 30]  # before: the object and the padding are one region
+    ctx = ImageContext(content_hw=torch.tensor([[32, 24]]))
+    (labels,) = proj.partitions(images, ctx)
+    assert (labels[:, 24:] == -1).all() and (labels[:, :24] >= 0).all()
+    obj = labels == labels[10, 20]
+    assert obj[8:20, 16:24].all() and obj.sum() == 12 * 8
+    out = proj(torch.randn(1, 8, 4, 4), images, ctx)
+    assert out.counts.item() == labels.max() + 1
+    assert (out.coords[0, :, 1] < 24 / 32).all()  # every token's centroid lies inside the content
+
+
+def _reused(tmp_path: Path) -> tuple[SAMSuperpixelProjector, torch.nn.Module, Path]:
+    """A tiny SAM folder, its image encoder as the model's mask encoder, and a projector reusing that encoder."""
+    from transformers import SamModel
+
+    from segrouter.superpixels.sam_amg import tiny_sam_config
+    from segrouter.vision_encoders.sam_vit import SamViT
+
+    torch.manual_seed(3)
+    SamModel(tiny_sam_config()).save_pretrained(tmp_path / "sam")
+    encoder = SamViT(64, path=str(tmp_path / "sam")).eval()
+    proj = SAMSuperpixelProjector(8, 16, (4, 4), aggregator_heads=2, generator="sam", sam_path=str(tmp_path / "sam"),
+                                  reuse_mask_encoder=True, points_per_side=4, pred_iou_thresh=0.0,
+                                  stability_thresh=0.0, min_area=4)
+    proj.attach_mask_encoder(encoder)
+    return proj, encoder, tmp_path / "sam"
+
+
+def test_reused_sam_embedding_gives_the_partition_of_a_second_sam_pass(tmp_path: Path) -> None:
+    """The paper's point: the superpixels come from the embedding the mask decoder's SAM computed anyway. With
+    that encoder being the generator's own SAM, the partition equals the one of a separate SAM pass; the
+    generator's image encoder is gone, and the cache key hashes the encoder that made the embedding."""
+    from segrouter.compressors.base import ImageContext
+
+    proj, encoder, sam = _reused(tmp_path)
+    image = _scene(64)
+    images = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        embedding = encoder(images)
+    own = SAMAutomaticMaskGenerator(str(sam), points_per_side=4, pred_iou_thresh=0.0, stability_thresh=0.0,
+                                    min_area=4)
+    torch.testing.assert_close(embedding, own.image_embeddings(image), atol=1e-4, rtol=1e-4)
+    (labels,) = proj.partitions(images, ImageContext(sam_embedding=embedding, sam_image=images))
+    np.testing.assert_array_equal(labels, own(image))
+    assert proj.generator.model.vision_encoder is None
+    key = proj.generator.settings()["weights"]
+    assert key.startswith("sha256:") and "+encoder:sha256:" in key and key != own.settings()["weights"]
+    with torch.no_grad():
+        encoder.encoder.neck.conv1.weight.add_(1.0)
+    assert _reused(tmp_path / "again")[0].generator.settings()["weights"] == key  # same weights, same key
+    proj.attach_mask_encoder(encoder)
+    assert proj.generator.settings()["weights"] != key  # another encoder, another embedding: another key
+    with pytest.raises(SegrouterError, match="got no SAM embedding"):
+        proj(torch.randn(1, 8, 4, 4), images, ImageContext())
+
+
+def test_reuse_needs_a_matching_sam_mask_encoder(tmp_path: Path) -> None:
+    from segrouter.vision_encoders.sam_vit import SamViT
+
+    proj, _, _ = _reused(tmp_path)
+    with pytest.raises(RecipeError, match="needs the model's SAM mask encoder, and the model has none"):
+        proj.attach_mask_encoder(None)
+    with pytest.raises(RecipeError, match=r"embedding \(width 16, input 64 px\) is not what this SAM's mask decoder "
+                                          r"reads \(width 32, input 64 px\)"):
+        proj.attach_mask_encoder(SamViT(64, input_size=64, patch_size=8, hidden_size=16, depth=1, num_heads=2,
+                                        output_channels=16, window_size=4))
+    with pytest.raises(RecipeError, match="reuse_mask_encoder is only used by generator: sam"):
+        SAMSuperpixelProjector(8, 16, (4, 4), reuse_mask_encoder=True)
+
+
 # ----------------------------------------------------------------------------------- batching and model
 def test_variable_counts_are_padded(monkeypatch: pytest.MonkeyPatch) -> None:
     proj = SAMSuperpixelProjector(8, 16, (4, 4), aggregator_heads=2)

@@ -132,9 +132,9 @@ def test_nothing_after_the_mask_token_changes_it(tmp_path: Path, routing: str) -
     prefixes, masks = [], []
     with torch.no_grad():
         for batch in batches:
-            _, _, seq, _, mask_pos = model.encode(batch)
-            hidden = model.routing(model.llm, seq)
-            prefixes.append([hidden[i, : int(mask_pos[i, 0]) + 1] for i in range(len(samples))])
+            enc = model.encode(batch)
+            hidden = model.routing(model.llm, enc.seq)
+            prefixes.append([hidden[i, : int(enc.mask_pos[i, 0]) + 1] for i in range(len(samples))])
             masks.append(model(batch)["masks"])
     for prefix, mask in zip(prefixes[1:], masks[1:], strict=True):
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(prefixes[0], prefix, strict=True))
@@ -188,9 +188,9 @@ def test_a_blind_llm_sees_no_image_token_and_still_segments(tmp_path: Path) -> N
     model, data = build_model(tiny_cfg(tmp_path, *VISREF, "model.blind_llm=true"))
     batch = next(iter(data.val_dataloader()))
     with torch.no_grad():
-        _, visual, seq, _, _ = model.encode(batch)
+        enc = model.encode(batch)
         out = model(batch)
-    assert not bool((seq.kinds == Kind.IMAGE).any()) and not visual.counts.any()
+    assert not bool((enc.seq.kinds == Kind.IMAGE).any()) and not enc.visual.counts.any()
     assert out["masks"].shape == batch["mask"].shape
 
 

@@ -204,19 +204,20 @@ def _from_recipes(args: argparse.Namespace, cfgs: dict[str, Any], device: torch.
         samples = [data.dataset("val")[i] for i in range(args.batch)]
         if args.decode_steps:  # end to end: the whole model on one prompt, prefill + decode steps + mask decoder
             own = (samples[0]["mask_image"], samples[0]["mask_image_hw"]) if "mask_image" in samples[0] else None
-            batch = prompt_batch(data.tokenizer, samples[0]["image"], samples[0]["text"], cfg.data.prompt, own)
+            hw = tuple(samples[0]["content_hw"].tolist()) if "content_hw" in samples[0] else None
+            batch = prompt_batch(data.tokenizer, samples[0]["image"], samples[0]["text"], cfg.data.prompt, own, hw)
         else:
             batch = data.collate(samples)
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         batch["image"] = batch["image"].to(dtype)
         with torch.no_grad():
-            _, vis, seq, _, _ = model.encode(batch, prompt_only=bool(args.decode_steps))
+            enc = model.encode(batch, prompt_only=bool(args.decode_steps))
         strategies[name] = model.routing
-        visual[name] = float(vis.counts.float().mean())
+        visual[name] = float(enc.visual.counts.float().mean())
         if args.decode_steps:
             runs[name] = (lambda m=model, b=batch: generate(m, b, max_new_tokens=args.decode_steps, mask_at_end=True))
         else:
-            runs[name] = (lambda m=model, s=seq: m.routing(m.llm, s))
+            runs[name] = (lambda m=model, s=enc.seq: m.routing(m.llm, s))
     scope = {"scope": f"end to end: prefill + {args.decode_steps} decode steps + mask decoder, 1 sample"} \
         if args.decode_steps else {"batch": args.batch}
     return runs, strategies, visual, {"shape": "recipes", **scope}

@@ -32,9 +32,11 @@ from segrouter.routing.base import Kind, cache_kwargs, filling_cache
 
 
 def prompt_batch(tokenizer: Any, image: torch.Tensor, expression: str, prompt: str,
-                 mask_image: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
-    """A one-sample batch of the prompt alone (no answer): ``image`` (3, S, S) letterboxed; ``mask_image`` the
-    mask encoder's own letterbox and its content size, where it reads one."""
+                 mask_image: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 content_hw: tuple[int, int] | None = None) -> dict[str, Any]:
+    """A one-sample batch of the prompt alone (no answer): ``image`` (3, S, S) letterboxed, ``content_hw`` its size
+    inside the padding (None: none); ``mask_image`` the mask encoder's own letterbox and its content size, where it
+    reads one."""
     from segrouter.text import encode_prompt
 
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -43,6 +45,8 @@ def prompt_batch(tokenizer: Any, image: torch.Tensor, expression: str, prompt: s
                              "text_mask": torch.ones_like(ids, dtype=torch.bool)}
     if mask_image is not None:
         batch["mask_image"], batch["mask_image_hw"] = mask_image[0][None], mask_image[1][None]
+    if content_hw is not None:
+        batch["content_hw"] = torch.tensor([content_hw])
     return batch
 
 
@@ -61,13 +65,14 @@ def generate(model: Any, batch: dict[str, Any], *, max_new_tokens: int = 32, eos
         raise SegrouterError(f"generation makes one mask per [SEG] token; this model has {len(model.mask_token_ids)}"
                              " mask tokens per answer", fix="use a recipe with model.num_mask_tokens: 1 (LISA's)")
     llm = model.llm
-    feats, _, seq, _, _ = model.encode(batch, prompt_only=True)
+    enc = model.encode(batch, prompt_only=True)
+    seq = enc.seq
     cache = DynamicCache()
     with filling_cache(cache):
         hidden = model.routing(llm, seq)
     length = int(seq.valid[0].sum())
     state, position = hidden[0, length - 1], int(seq.positions[0, :length].max()) + 1
-    features = model.decoder_features(batch, feats)
+    features = model.decoder_features(batch, enc.features, enc.mask_features)
     size = batch["image"].shape[-2:]
     tokens: list[int] = []
     masks: list[torch.Tensor] = []

@@ -106,7 +106,8 @@ def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: t
 
     size = model.image_size
     img, _ = letterbox(image, None, size)
-    sample = {"image": img, "mask": torch.zeros(size, size), "text": text, "id": "0"}
+    hw = letterbox_size(image.height, image.width, size)
+    sample = {"image": img, "mask": torch.zeros(size, size), "text": text, "id": "0", "content_hw": torch.tensor(hw)}
     own = mask_input(model, image)
     if own is not None:
         sample["mask_image"], sample["mask_image_hw"] = own
@@ -114,7 +115,7 @@ def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: t
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.no_grad():
         out = model(batch)
-    full = unletterbox(out["masks"][0], letterbox_size(image.height, image.width, size), (image.height, image.width))
+    full = unletterbox(out["masks"][0], hw, (image.height, image.width))
     return (full > 0).cpu().numpy(), int(out["visual_tokens"][0])
 
 
@@ -125,11 +126,11 @@ def generate_masks(model: Any, data: Any, image: Image.Image, text: str, device:
     from segrouter.images import letterbox, letterbox_size, unletterbox
 
     size = model.image_size
+    hw, original = letterbox_size(image.height, image.width, size), (image.height, image.width)
     batch = prompt_batch(data.tokenizer, letterbox(image, None, size)[0], text, data.cfg.data.prompt,
-                         mask_input(model, image))
+                         mask_input(model, image), hw)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     tokens, logits = generate(model, batch, max_new_tokens=max_new_tokens, eos_token_id=data.tokenizer.eos_token_id)
-    hw, original = letterbox_size(image.height, image.width, size), (image.height, image.width)
     return (data.tokenizer.decode(tokens, skip_special_tokens=False),
             [(unletterbox(m, hw, original) > 0).cpu().numpy() for m in logits])
 
@@ -140,7 +141,7 @@ def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.I
     return Image.fromarray(rgb.round().astype(np.uint8))
 
 
-def _read(path: Path) -> Image.Image:
+def read_image(path: Path) -> Image.Image:
     from segrouter.images import BAD_IMAGE_ERRORS, open_image
 
     if not path.is_file():
@@ -151,17 +152,39 @@ def _read(path: Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: {type(exc).__name__}", fix="pass a valid PNG/JPEG") from None
 
 
-def _write(img: Image.Image, path: Path) -> None:
+def write_png(img: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")
 
 
-def run(args: argparse.Namespace) -> int:
+def load_model(recipe: str, overrides: list[str], ckpt: str | None, device: torch.device) -> tuple[Any, Any]:
+    """The recipe's model with the checkpoint's weights (default: the newest run's best), on ``device`` in
+    evaluation mode, and its data module (tokenizer, prompt)."""
     from segrouter.build import build
     from segrouter.checkpoints import load_weights
     from segrouter.recipe import load_recipe
     from segrouter.runs import find_eval_checkpoint
 
+    cfg = load_recipe(recipe, overrides)
+    path = find_eval_checkpoint(cfg, ckpt)
+    model, data = build(cfg)
+    load_weights(model, path)
+    return model.to(device).eval(), data
+
+
+def write_generated(image: Image.Image, masks: list[np.ndarray], out: Path, overlay_path: Path | None) -> str:
+    """Write a generated answer's masks (``out`` for the first [SEG], ``<out>_2.png``, ... for more) and the first
+    mask's overlay; what was written, for the user."""
+    outs = [out if k == 1 else out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(1, 1 + len(masks))]
+    for mask, path in zip(masks, outs, strict=True):
+        write_png(Image.fromarray(mask.astype(np.uint8) * 255), path)
+    if masks and overlay_path is not None:
+        write_png(overlay(image, masks[0]), overlay_path)
+    return ", ".join(f"{o} ({int(m.sum())} px)" for o, m in zip(outs, masks, strict=True)) \
+        or "no mask (the answer has no [SEG])"
+
+
+def run(args: argparse.Namespace) -> int:
     jobs = _jobs(args)
     inputs = {job.image.resolve() for job in jobs}
     for job in jobs:  # fail before the (slow) model build on a path typo
@@ -173,27 +196,16 @@ def run(args: argparse.Namespace) -> int:
                                      fix="write masks and overlays to other paths")
             output_file(out, "output")
     device = checked_device(args.device)
-    cfg = load_recipe(args.recipe, args.overrides)
-    ckpt = find_eval_checkpoint(cfg, args.ckpt)
-    model, data = build(cfg)
-    load_weights(model, ckpt)
-    model.to(device).eval()
+    model, data = load_model(args.recipe, args.overrides, args.ckpt, device)
     for job in jobs:
-        image = _read(job.image)
+        image = read_image(job.image)
         if args.generate:
             answer, masks = generate_masks(model, data, image, job.text, device, args.max_new_tokens)
-            outs = [job.out if k == 1 else job.out.with_name(f"{job.out.stem}_{k}{job.out.suffix}")
-                    for k in range(1, 1 + len(masks))]
-            for mask, out in zip(masks, outs, strict=True):
-                _write(Image.fromarray(mask.astype(np.uint8) * 255), out)
-            if masks and job.overlay is not None:
-                _write(overlay(image, masks[0]), job.overlay)
-            wrote = ", ".join(f"{o} ({int(m.sum())} px)" for o, m in zip(outs, masks, strict=True))
-            print(f"segrouter: {job.image}: answer {answer!r} → {wrote or 'no mask (the answer has no [SEG])'}")
+            print(f"segrouter: {job.image}: answer {answer!r} → {write_generated(image, masks, job.out, job.overlay)}")
             continue
         mask, visual_tokens = predict_mask(model, data, image, job.text, device)
-        _write(Image.fromarray(mask.astype(np.uint8) * 255), job.out)
+        write_png(Image.fromarray(mask.astype(np.uint8) * 255), job.out)
         if job.overlay is not None:
-            _write(overlay(image, mask), job.overlay)
+            write_png(overlay(image, mask), job.overlay)
         print(f"segrouter: {job.image} → {job.out} ({int(mask.sum())} px, {visual_tokens} visual tokens)")
     return 0

@@ -36,7 +36,7 @@ def attention_profile(model: Any, batches: list[dict[str, Any]]) -> dict[str, li
     counts = {g: 0 for g in GROUPS}
     with torch.no_grad():
         for batch in batches:
-            _, _, seq, _, _ = model.encode(batch)
+            seq = model.encode(batch).seq
             h, pos, valid = seq.embeds, seq.positions, seq.valid
             bias = attention_bias(pos, valid, pos, valid, h.dtype)
             pe = llm.rotary(h, pos)

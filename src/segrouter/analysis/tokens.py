@@ -53,7 +53,7 @@ def token_placement(model: Any, batches: list[dict[str, Any]]) -> dict[str, Any]
     chance, used, skipped, with_image = 0.0, 0, 0, 0
     with torch.no_grad(), recording_tokens():
         for batch in batches:
-            _, _, seq, _, _ = model.encode(batch)
+            seq = model.encode(batch).seq
             model.routing(model.llm, seq)
             ffn_masks = model.routing.stats.ffn_masks
             _check_record(ffn_masks, layers, seq.kinds.shape, model.cfg.model.routing.name)

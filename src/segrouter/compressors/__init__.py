@@ -4,6 +4,6 @@ from segrouter.compressors import mlp, sam_superpixel, slic_superpixel  # noqa: 
 
 # isort: split
 from segrouter.compressors import avgpool, resampler, tome  # noqa: F401  (efficiency baselines)
-from segrouter.compressors.base import Compressor, VisualTokens
+from segrouter.compressors.base import Compressor, ImageContext, VisualTokens
 
-__all__ = ["Compressor", "VisualTokens"]
+__all__ = ["Compressor", "ImageContext", "VisualTokens"]

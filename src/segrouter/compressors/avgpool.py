@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segrouter.compressors.base import Compressor, VisualTokens
+from segrouter.compressors.base import Compressor, ImageContext, VisualTokens
 from segrouter.compressors.mlp import MLPProjector
 from segrouter.errors import ParamError
 from segrouter.registry import register
@@ -29,5 +29,6 @@ class AvgPoolProjector(Compressor):
         self.k = k
         self.project = MLPProjector(in_dim, out_dim, (h // k, w // k), depth=depth)
 
-    def forward(self, features: torch.Tensor, images: torch.Tensor) -> VisualTokens:
+    def forward(self, features: torch.Tensor, images: torch.Tensor,
+                context: ImageContext | None = None) -> VisualTokens:
         return self.project(F.avg_pool2d(features, self.k), images)

@@ -1,6 +1,6 @@
-"""The contract every compressor meets, the token container it returns, the projector shape several share
-(:func:`projection`), and :func:`variant`, which makes a compressor that only fixes or re-defaults another's
-parameters a few lines long."""
+"""The contract every compressor meets, the token container it returns, what it may read besides the vision
+features (:class:`ImageContext`), the projector shape several share (:func:`projection`), and :func:`variant`,
+which makes a compressor that only fixes or re-defaults another's parameters a few lines long."""
 
 from __future__ import annotations
 
@@ -33,13 +33,37 @@ class VisualTokens:
         return self.mask.sum(dim=1)
 
 
+@dataclass(frozen=True)
+class ImageContext:
+    """What the model knows of a batch's images besides its input pixels, for compressors that partition images.
+
+    ``content_hw`` (B, 2): each input image's (h, w) inside its letterbox padding (None: no padding). ``sam_*``:
+    only for a compressor that :attr:`~Compressor.reads_sam_embedding` — the embedding of the model's SAM mask
+    encoder (B, C, e, e), that encoder's input (B, 3, S, S) in [0, 1] and each image's (h, w) inside its padding,
+    so that the superpixels reuse the SAM pass the mask decoder needs anyway."""
+
+    content_hw: torch.Tensor | None = None
+    sam_embedding: torch.Tensor | None = None
+    sam_image: torch.Tensor | None = None
+    sam_image_hw: torch.Tensor | None = None
+
+
 class Compressor(nn.Module):
     """Maps vision features (B, C, h, w) (and the images, for region-based methods) to visual tokens.
 
     Context arguments: ``in_dim`` (vision channels), ``out_dim`` (LLM width), ``grid_size`` (h, w).
+    ``reads_sam_embedding``: the compressor wants the model's SAM mask encoder's embedding in its
+    :class:`ImageContext` (the model then checks the encoder with :meth:`attach_mask_encoder` at build).
     """
 
-    def forward(self, features: torch.Tensor, images: torch.Tensor) -> VisualTokens:  # pragma: no cover
+    reads_sam_embedding: bool = False
+
+    def attach_mask_encoder(self, encoder: nn.Module | None) -> None:
+        """Check (and keep what it needs of) the model's mask encoder; called at build when
+        ``reads_sam_embedding``. Raise a :class:`~segrouter.errors.ParamError` if it cannot serve."""
+
+    def forward(self, features: torch.Tensor, images: torch.Tensor,
+                context: ImageContext | None = None) -> VisualTokens:  # pragma: no cover
         raise NotImplementedError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from segrouter.compressors.base import Compressor, VisualTokens, projection
+from segrouter.compressors.base import Compressor, ImageContext, VisualTokens, projection
 from segrouter.geometry import grid_coords
 from segrouter.registry import register
 
@@ -19,7 +19,8 @@ class MLPProjector(Compressor):
         self.proj = projection(in_dim, out_dim, depth)
         self.register_buffer("coords", grid_coords(*grid_size), persistent=False)
 
-    def forward(self, features: torch.Tensor, images: torch.Tensor) -> VisualTokens:
+    def forward(self, features: torch.Tensor, images: torch.Tensor,
+                context: ImageContext | None = None) -> VisualTokens:
         b = features.shape[0]
         tokens = self.proj(features.flatten(2).transpose(1, 2))
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)

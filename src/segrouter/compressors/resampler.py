@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from segrouter.compressors.base import Compressor, VisualTokens
+from segrouter.compressors.base import Compressor, ImageContext, VisualTokens
 from segrouter.errors import ParamError
 from segrouter.geometry import grid_coords
 from segrouter.registry import register
@@ -76,7 +76,8 @@ class Resampler(Compressor):
                 f"num_queries={p['num_queries']} and depth={p['depth']} must both be >= 1",
             )
 
-    def forward(self, features: torch.Tensor, images: torch.Tensor) -> VisualTokens:
+    def forward(self, features: torch.Tensor, images: torch.Tensor,
+                context: ImageContext | None = None) -> VisualTokens:
         patches = self.input(features.flatten(2).transpose(1, 2)) + self.pos
         queries = self.queries.expand(patches.shape[0], -1, -1)
         for block in self.blocks:

@@ -18,6 +18,13 @@ sam_superpixel.md gives every choice and its reason):
 
 Tokens are ordered by centroid raster order (patch row of the centroid, then x) and padded to the batch
 maximum; ``coords`` are the centroids (y, x).
+
+Only the image inside its letterbox padding is partitioned (``content_hw`` of the :class:`ImageContext`): the
+padding is no region and makes no token, so a dark object touching it cannot merge with it. With
+``reuse_mask_encoder`` (the paper's setting) SAM's masks come from the embedding the model's SAM mask encoder
+(``sam_vit``, LISA's frozen SAM) computes for the mask decoder anyway, on that encoder's own input; only SAM's
+prompt encoder and mask decoder run again, over the point grid, and the partition is resized to the LLM-side
+image.
 """
 
 from __future__ import annotations
@@ -34,10 +41,10 @@ import torch
 from scipy.ndimage import find_objects
 from torch import nn
 
-from segrouter.compressors.base import Compressor, VisualTokens, projection
+from segrouter.compressors.base import Compressor, ImageContext, VisualTokens, projection
 from segrouter.errors import ParamError, SegrouterError
 from segrouter.registry import register
-from segrouter.superpixels import PartitionCache, SAMAutomaticMaskGenerator, SLICGenerator
+from segrouter.superpixels import PartitionCache, SAMAutomaticMaskGenerator, SLICGenerator, relabel
 
 SHAPE_SIDE = 4  # the SSPE shape descriptor is the region's occupancy of a SHAPE_SIDE² grid over its bbox
 GEOMETRY_DIM = 4 + 2 + 1 + SHAPE_SIDE * SHAPE_SIDE  # bbox, centroid, area fraction, shape
@@ -54,6 +61,7 @@ class RegionStats:
 
 def region_stats(labels: np.ndarray, grid_size: tuple[int, int]) -> RegionStats:
     """Occupancy, geometry and centroids of every region of ``labels`` (H, W) over an (h, w) patch grid.
+    Label -1 marks pixels of no region (the letterbox padding): they make no token and count in no region.
 
     A pixel belongs to the cell ``(y·h // H, x·w // W)``, so image sizes that are not multiples of the
     grid are handled too (cells then differ by at most one pixel row/column).
@@ -63,14 +71,14 @@ def region_stats(labels: np.ndarray, grid_size: tuple[int, int]) -> RegionStats:
     k = int(labels.max()) + 1
     cell = ((np.arange(height) * h) // height)[:, None] * w + ((np.arange(width) * w) // width)[None, :]
     cell_pixels = np.bincount(cell.ravel(), minlength=h * w)
-    occupancy = np.bincount((labels * (h * w) + cell).ravel(), minlength=k * h * w).reshape(k, h * w) / cell_pixels
+    inside = labels >= 0
+    region, cell = labels[inside], cell[inside]
+    occupancy = np.bincount(region * (h * w) + cell, minlength=k * h * w).reshape(k, h * w) / cell_pixels
 
-    area = np.bincount(labels.ravel(), minlength=k).astype(np.float64)
-    ys = np.broadcast_to(((np.arange(height) + 0.5) / height)[:, None], labels.shape)
-    xs = np.broadcast_to(((np.arange(width) + 0.5) / width)[None, :], labels.shape)
-    centroids = np.stack(
-        [np.bincount(labels.ravel(), ys.ravel(), k) / area, np.bincount(labels.ravel(), xs.ravel(), k) / area], 1
-    )
+    area = np.bincount(region, minlength=k).astype(np.float64)
+    ys = np.broadcast_to(((np.arange(height) + 0.5) / height)[:, None], labels.shape)[inside]
+    xs = np.broadcast_to(((np.arange(width) + 0.5) / width)[None, :], labels.shape)[inside]
+    centroids = np.stack([np.bincount(region, ys, k) / area, np.bincount(region, xs, k) / area], 1)
     geometry = np.zeros((k, GEOMETRY_DIM))
     for i, (sy, sx) in enumerate(find_objects(labels + 1)):
         bbox = [sy.start / height, sx.start / width, sy.stop / height, sx.stop / width]
@@ -148,6 +156,8 @@ class SAMSuperpixelProjector(Compressor):
     of the first author's "ssa" presets in HAL-42/TUSS), ``n_segments``, ``compactness``,
     ``colour_threshold`` (SLIC), and for both ``min_area`` (pixels) / ``max_regions``. ``cache_dir``
     stores partitions on disk (null: memory), keyed by the image, the settings and (SAM) a hash of the weights.
+    ``reuse_mask_encoder`` (``generator: sam``): SAM's masks come from the model's ``sam_vit`` mask encoder's
+    embedding, with ``sam_path``'s prompt encoder and mask decoder (the SAM that encoder comes from).
     """
 
     note = SLIC_NOTE  # `segrouter list` prints it: no run named sam_superpixel uses SLIC unsaid
@@ -170,6 +180,7 @@ class SAMSuperpixelProjector(Compressor):
         min_area: int = 16,
         max_regions: int = 64,
         cache_dir: str | None = None,
+        reuse_mask_encoder: bool = False,
         positional_embedding: bool = True,
         aggregator: bool = True,
         aggregator_heads: int = 4,
@@ -209,6 +220,7 @@ class SAMSuperpixelProjector(Compressor):
                 min_area=min_area, max_regions=max_regions,
             )
         self.cache = PartitionCache(cache_dir)
+        self.reads_sam_embedding = reuse_mask_encoder
         self.grid_size = tuple(grid_size)
         self.aggregator = SuperpixelAggregator(in_dim, aggregator_heads, context_tokens) if aggregator else None
         self.proj = projection(in_dim, out_dim, depth)
@@ -228,12 +240,55 @@ class SAMSuperpixelProjector(Compressor):
         if p.get("aggregator", False):
             _check(p["aggregator_heads"] >= 1, "aggregator_heads", f"must be at least 1, got {p['aggregator_heads']}")
         _check(p.get("generator") == "sam" or p.get("sam_path") is None, "sam_path", "is only used by generator: sam")
+        _check(p.get("generator") == "sam" or not p.get("reuse_mask_encoder"), "reuse_mask_encoder",
+               "is only used by generator: sam")
+
+    def attach_mask_encoder(self, encoder: nn.Module | None) -> None:
+        """``reuse_mask_encoder``: the model's mask encoder must be a SAM image encoder whose embedding this
+        SAM's mask decoder reads (see :meth:`SAMAutomaticMaskGenerator.reuse_encoder`)."""
+        if encoder is None:
+            raise ParamError("reuse_mask_encoder needs the model's SAM mask encoder, and the model has none",
+                             param="reuse_mask_encoder",
+                             fix="set model.mask_encoder: {name: sam_vit, path: ...} (as LISA), "
+                                 "or reuse_mask_encoder: false")
+        assert isinstance(self.generator, SAMAutomaticMaskGenerator)  # check_params: reuse needs generator: sam
+        self.generator.reuse_encoder(encoder)
 
     def partition(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 → (H, W) int64 superpixel labels, through the cache."""
         return self.cache.get(image, self.generator)
 
-    def forward(self, features: torch.Tensor, images: torch.Tensor) -> VisualTokens:
+    def partitions(self, images: torch.Tensor, context: ImageContext | None) -> list[np.ndarray]:
+        """(B, 3, S, S) images → one (S, S) partition each, label -1 on the letterbox padding: the generator
+        runs on each image's content (``context.content_hw``), or on the mask encoder's input and embedding
+        (``reuse_mask_encoder``), its partition then resized to the content's size here."""
+        b, size = images.shape[0], tuple(images.shape[-2:])
+        content = ([tuple(hw) for hw in context.content_hw.tolist()] if context is not None
+                   and context.content_hw is not None else [size] * b)
+        if not self.reads_sam_embedding:
+            if isinstance(self.generator, SAMAutomaticMaskGenerator):
+                self.generator.to(images.device)
+            return [_place(self.partition(p[:h, :w]), (h, w), size) for p, (h, w) in zip(_uint8(images), content,
+                                                                                          strict=True)]
+        if context is None or context.sam_embedding is None or context.sam_image is None:
+            raise SegrouterError("sam_superpixel with reuse_mask_encoder got no SAM embedding",
+                                 fix="call it through the model (SegmentationMLLM passes its mask encoder's embedding)")
+        generator = self.generator
+        assert isinstance(generator, SAMAutomaticMaskGenerator)
+        generator.to(context.sam_embedding.device)
+        # without its own input (sam_image_hw), the mask encoder read the model's input, padding included: SAM then
+        # partitions the whole input (the embedding's frame) and the content is cropped out of its partition
+        sam_hw = ([tuple(hw) for hw in context.sam_image_hw.tolist()] if context.sam_image_hw is not None
+                  else [tuple(context.sam_image.shape[-2:])] * b)
+        out = []
+        for i, (image, (sh, sw), (h, w)) in enumerate(zip(_uint8(context.sam_image), sam_hw, content, strict=True)):
+            embedding = context.sam_embedding[i : i + 1]
+            labels = self.cache.get(image[:sh, :sw], generator, lambda crop, e=embedding: generator(crop, e))
+            out.append(_place(labels if context.sam_image_hw is not None else labels[:h, :w], (h, w), size))
+        return out
+
+    def forward(self, features: torch.Tensor, images: torch.Tensor,
+                context: ImageContext | None = None) -> VisualTokens:
         if images.dim() != 4 or images.shape[1] != 3:
             raise SegrouterError(
                 f"sam_superpixel needs RGB images (B, 3, H, W), got shape {tuple(images.shape)}",
@@ -242,10 +297,7 @@ class SAMSuperpixelProjector(Compressor):
         h, w = features.shape[-2:]
         if (h, w) != self.grid_size:
             raise SegrouterError(f"sam_superpixel expects a {self.grid_size} feature grid, got {(h, w)}")
-        if isinstance(self.generator, SAMAutomaticMaskGenerator):
-            self.generator.to(images.device)
-        pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        stats = [region_stats(self.partition(p), (h, w)) for p in pixels]
+        stats = [region_stats(labels, (h, w)) for labels in self.partitions(images, context)]
         occupancy, geometry, coords = (torch.from_numpy(a).to(features) for a in _pad(stats))
         mask = torch.from_numpy(np.stack([np.arange(occupancy.shape[1]) < len(s.centroids) for s in stats]))
         mask = mask.to(features.device)
@@ -257,6 +309,22 @@ class SAMSuperpixelProjector(Compressor):
         if self.sspe is not None:
             tokens = tokens + self.sspe(geometry)
         return VisualTokens(tokens * mask[..., None], mask, coords)
+
+
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] → (B, H, W, 3) uint8, what the generators and the cache read."""
+    return (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _place(labels: np.ndarray, content: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """A partition of an image's content resized (nearest) to ``content`` (h, w) and placed at the top left of a
+    ``size`` map whose padding is -1; regions the resize loses are dropped (labels stay 0..K-1)."""
+    h, w = content
+    rows = ((np.arange(h) + 0.5) * labels.shape[0] / h).astype(np.int64)
+    cols = ((np.arange(w) + 0.5) * labels.shape[1] / w).astype(np.int64)
+    out = np.full(size, -1, dtype=np.int64)
+    out[:h, :w] = relabel(labels[rows[:, None], cols[None, :]])
+    return out
 
 
 def _pad(stats: list[RegionStats]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -18,5 +18,6 @@ class SLICSuperpixelProjector(SAMSuperpixelProjector):
     plain SLIC uses (24 segments by default)."""
 
     __init__ = variant(SAMSuperpixelProjector, fixed={"generator": "slic", "colour_threshold": 0.0},
-                       hidden=("sam_path", "points_per_side", "pred_iou_thresh", "stability_thresh"),
+                       hidden=("sam_path", "points_per_side", "pred_iou_thresh", "stability_thresh",
+                               "reuse_mask_encoder"),
                        defaults={"n_segments": 24})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segrouter.compressors.base import Compressor, VisualTokens
+from segrouter.compressors.base import Compressor, ImageContext, VisualTokens
 from segrouter.compressors.mlp import MLPProjector
 from segrouter.errors import ParamError
 from segrouter.registry import register
@@ -68,7 +68,8 @@ class ToMeProjector(Compressor):
         self.r, self.steps = r, steps
         self.project = MLPProjector(in_dim, out_dim, grid_size, depth=depth)
 
-    def forward(self, features: torch.Tensor, images: torch.Tensor) -> VisualTokens:
+    def forward(self, features: torch.Tensor, images: torch.Tensor,
+                context: ImageContext | None = None) -> VisualTokens:
         tokens = self.project(features, images)
         x, coords = tokens.embeds, tokens.coords
         size = x.new_ones(*x.shape[:2], 1)

@@ -99,20 +99,20 @@ class ReferringImageDataset(Dataset):
         (:func:`~segrouter.images.letterbox`), plus ``extra`` keys. ``ignore`` (bool (H, W), ReasonSeg's "ignore"
         regions) marks pixels that scoring leaves out of both intersection and union (key ``ignore``). For a mask
         encoder that reads its own input (``mask_image_size``) the image is also letterboxed at that size
-        (``mask_image``, ``mask_image_hw``). Outside ``train`` the sample also keeps what scoring at the original
-        resolution needs (``metrics.resolution: original``): the original mask (and ignore mask) and the size of
-        the image inside the padding."""
+        (``mask_image``, ``mask_image_hw``). ``content_hw`` is the size of the image inside the padding (scoring at
+        the original resolution crops it out; ``sam_superpixel`` partitions only it). Outside ``train`` the sample
+        also keeps the original mask (and ignore mask), which ``metrics.resolution: original`` scores against."""
         if mask.shape != (image.height, image.width):
             raise ValueError(f"mask {mask.shape} does not match image {image.height}×{image.width}")
         img, m = letterbox(image, mask, self.image_size)
-        out = {"image": img, "mask": m, "text": text, "id": self.sample_id(index), **extra}
+        out = {"image": img, "mask": m, "text": text, "id": self.sample_id(index),
+               "content_hw": torch.tensor(letterbox_size(image.height, image.width, self.image_size)), **extra}
         if ignore is not None:
             out["ignore"] = letterbox(image, ignore, self.image_size)[1] > 0.5
         if self.mask_image_size is not None:  # the mask encoder's own letterbox of the original (LISA's SAM input)
             out["mask_image"], out["mask_image_hw"] = letterbox_input(image, self.mask_image_size)
         if self.split != "train":
             out["original_mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))
-            out["content_hw"] = torch.tensor(letterbox_size(image.height, image.width, self.image_size))
             if ignore is not None:
                 out["original_ignore"] = torch.from_numpy(np.ascontiguousarray(ignore, dtype=bool))
         return out

@@ -130,9 +130,10 @@ class SegDataModule(L.LightningDataModule):
         }
         if all("semantic" in s for s in samples):  # per-pixel classes, where the dataset gives them
             batch["semantic"] = torch.stack([s["semantic"] for s in samples])
+        if all("content_hw" in s for s in samples):  # letterboxed real images: their size inside the padding
+            batch["content_hw"] = torch.stack([s["content_hw"] for s in samples])
         if all("original_mask" in s for s in samples):  # for scoring at the original resolution (metrics.resolution)
             batch["original_mask"] = [s["original_mask"] for s in samples]
-            batch["content_hw"] = torch.stack([s["content_hw"] for s in samples])
         if all("mask_image" in s for s in samples):  # the mask encoder's own input (sam_vit, LISA's SAM at 1024)
             batch["mask_image"] = torch.stack([s["mask_image"] for s in samples])
             batch["mask_image_hw"] = torch.stack([s["mask_image_hw"] for s in samples])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 
-from segrouter.compressors.base import VisualTokens
+from segrouter.compressors.base import ImageContext, VisualTokens
 from segrouter.errors import RecipeError, SegrouterError, recipe_path
 from segrouter.flops import count_flops
 from segrouter.images import unletterbox
@@ -40,6 +40,17 @@ from segrouter.routing.base import RoutingStrategy, TokenSequence, gather
 from segrouter.text import IMAGE_TOKEN, mask_token_names
 
 SPLITS = ("val", "test")
+
+
+class Encoded(NamedTuple):
+    """What :meth:`SegmentationMLLM.encode` makes of a batch before the LLM layers."""
+
+    features: torch.Tensor  # the vision encoder's (B, C, h, w), which the compressor read
+    visual: VisualTokens
+    seq: TokenSequence
+    labels: torch.Tensor  # the LM targets, aligned with ``seq``
+    mask_pos: torch.Tensor  # (B, K) positions of the mask tokens in ``seq``
+    mask_features: torch.Tensor | None  # the mask encoder's output, when the compressor already needed it
 # the semantic head predicts each vision-grid cell's labels on a 2×2 finer grid (then upsampled to the image):
 # in an exploration on the visref ViT this left an object's shape more linearly readable from its features than
 # per-cell logits did, as one head per attribute did against one over colour-shape pairs (benchmarks/vit_probe.py)
@@ -119,6 +130,9 @@ class SegmentationMLLM(L.LightningModule):
                 component(cfg, "model.mask_encoder"), self.image_size, where="model.mask_encoder"
             )
             decoder_vision = self.mask_encoder
+        if self.compressor.reads_sam_embedding:
+            with recipe_path("model.compressor"):
+                self.compressor.attach_mask_encoder(self.mask_encoder)
         self.mask_decoder = registry("mask_decoder").build(
             component(cfg, "model.mask_decoder"), decoder_vision.out_dim, decoder_vision.grid_size,
             where="model.mask_decoder",
@@ -164,11 +178,11 @@ class SegmentationMLLM(L.LightningModule):
         self._step_start = 0.0
 
     # ----------------------------------------------------------------------------------------- forward
-    def encode(self, batch: dict[str, Any], control: str | None = None, *, prompt_only: bool = False
-               ) -> tuple[torch.Tensor, VisualTokens, TokenSequence, torch.Tensor, torch.Tensor]:
-        """Everything before the LLM layers: (vision features, visual tokens, sequence, labels, mask positions).
-        ``control`` (see :func:`visual_control`) changes the visual tokens; ``model.blind_llm`` drops them.
-        ``prompt_only``: the batch is a prompt without its answer (generation), so it has no mask token yet."""
+    def encode(self, batch: dict[str, Any], control: str | None = None, *, prompt_only: bool = False) -> Encoded:
+        """Everything before the LLM layers. ``control`` (see :func:`visual_control`) changes the visual tokens;
+        ``model.blind_llm`` drops them. ``prompt_only``: the batch is a prompt without its answer (generation), so
+        it has no mask token yet. A compressor that reuses the SAM mask encoder's embedding gets it here, and the
+        mask decoder then reads the same ``mask_features``."""
         images = batch["image"]
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise SegrouterError(
@@ -176,7 +190,17 @@ class SegmentationMLLM(L.LightningModule):
                 fix="set data.dataset.image_size to model.image_size",
             )
         feats = self.vision(images)
-        visual = self.compressor(feats, images)
+        context = ImageContext(content_hw=batch.get("content_hw"))
+        mask_features = None
+        if self.compressor.reads_sam_embedding:
+            mask_features = self.decoder_features(batch, feats)
+            own = "mask_image" in batch and self.mask_encoder is not None and self.mask_encoder.input_size is not None
+            context = ImageContext(
+                content_hw=context.content_hw, sam_embedding=mask_features,
+                sam_image=batch["mask_image"] if own else images,
+                sam_image_hw=batch["mask_image_hw"] if own else None,  # the mask encoder resized the whole input
+            )
+        visual = self.compressor(feats, images, context)
         if self.cfg.model.blind_llm:
             visual = visual_control(visual, "blind")
         if control is not None:
@@ -191,24 +215,25 @@ class SegmentationMLLM(L.LightningModule):
             self.mask_token_ids,
             prompt_only=prompt_only,
         )
-        return feats, visual, seq, labels, mask_pos
+        return Encoded(feats, visual, seq, labels, mask_pos, mask_features)
 
     def forward(self, batch: dict[str, Any], flops: bool = False, control: str | None = None) -> dict[str, Any]:
         images = batch["image"]
-        feats, visual, seq, labels, mask_pos = self.encode(batch, control)
+        enc = self.encode(batch, control)
         llm_flops = None
         if flops:
-            hidden, llm_flops = count_flops(lambda: self.routing(self.llm, seq))
+            hidden, llm_flops = count_flops(lambda: self.routing(self.llm, enc.seq))
         else:
-            hidden = self.routing(self.llm, seq)
-        masks = self.decode_masks(self.decoder_features(batch, feats), gather(hidden, mask_pos), images.shape[-2:])
+            hidden = self.routing(self.llm, enc.seq)
+        masks = self.decode_masks(self.decoder_features(batch, enc.features, enc.mask_features),
+                                  gather(hidden, enc.mask_pos), images.shape[-2:])
         return {
             "masks": masks,
-            "features": feats,
+            "features": enc.features,
             "hidden": hidden,
-            "labels": labels,
-            "visual_tokens": visual.counts,
-            "visual": visual,
+            "labels": enc.labels,
+            "visual_tokens": enc.visual.counts,
+            "visual": enc.visual,
             "llm_flops": llm_flops,
         }
 
@@ -218,9 +243,13 @@ class SegmentationMLLM(L.LightningModule):
         low = self.mask_decoder(features, self.text_proj(states))
         return F.interpolate(low[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
-    def decoder_features(self, batch: dict[str, Any], feats: torch.Tensor) -> torch.Tensor:
+    def decoder_features(self, batch: dict[str, Any], feats: torch.Tensor,
+                         mask_features: torch.Tensor | None = None) -> torch.Tensor:
         """What the mask decoder reads: the vision features the LLM's tokens come from, or the mask encoder's
-        own, from the batch's ``mask_image`` where the dataset gives one (a SAM encoder at 1024 px, as in LISA)."""
+        own, from the batch's ``mask_image`` where the dataset gives one (a SAM encoder at 1024 px, as in LISA);
+        ``mask_features`` where :meth:`encode` already computed them."""
+        if mask_features is not None:
+            return mask_features
         if self.mask_encoder is None:
             return feats
         if "mask_image" in batch and self.mask_encoder.input_size is not None:

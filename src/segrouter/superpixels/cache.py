@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,8 +69,11 @@ class PartitionCache:
     def path(self, key: str, generator: Generator) -> Path | None:
         return None if self.dir is None else self.dir / generator.name / key[:2] / f"{key}.npz"
 
-    def get(self, image: np.ndarray, generator: Generator) -> np.ndarray:
-        """The (H, W) int64 partition of ``image`` (H, W, 3) uint8 by ``generator``."""
+    def get(self, image: np.ndarray, generator: Generator,
+            compute: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """The (H, W) int64 partition of ``image`` (H, W, 3) uint8 by ``generator``; on a miss it is
+        ``compute(image)`` where given (the generator run with inputs it was handed, e.g. an embedding that
+        the key's settings already identify), else ``generator(image)``."""
         key = self.key(image, generator)
         labels = self._memory.get(key)
         if labels is not None:
@@ -82,7 +86,7 @@ class PartitionCache:
                 labels = data["labels"]
             self.hits += 1
         else:
-            labels = generator(image)
+            labels = (compute or generator)(image)
             check_partition(labels, image.shape[:2])
             self.misses += 1
             if path is not None:

@@ -20,6 +20,9 @@ framework's frozen SAM encoder output instead of running SAM twice):
    pixels no mask covers become the connected components of the leftover (unrelated leftovers in different
    places must not share a token); then :func:`~segrouter.superpixels.regions.merge_regions`.
 
+With :meth:`~SAMAutomaticMaskGenerator.reuse_encoder` the embeddings come from the model's own SAM image
+encoder (the paper's setting: no second SAM pass), and this SAM's image encoder is dropped.
+
 A painted-over mask may end up in several pieces: it keeps one label, since SAM said it is one thing.
 Without ``sam_path`` a tiny randomly initialised SAM (seeded, so partitions are reproducible) is built:
 its partitions are valid but meaningless, for tests only; experiments need real weights or SLIC.
@@ -113,6 +116,24 @@ class SAMAutomaticMaskGenerator:
         self.pred_iou_thresh, self.stability_thresh = pred_iou_thresh, stability_thresh
         self.stability_offset, self.nms_thresh = stability_offset, nms_thresh
         self.min_area, self.max_regions = min_area, max_regions
+
+    def reuse_encoder(self, encoder: torch.nn.Module) -> None:
+        """Take the image embeddings from ``encoder`` (the model's own SAM image encoder, e.g. LISA's frozen
+        SAM ViT-H) instead of running SAM's: this generator's image encoder is dropped, and the cache key hashes
+        this SAM's prompt encoder and mask decoder with ``encoder``'s weights, which now make the embedding.
+        ``encoder`` needs ``out_dim`` and ``input_size`` equal to this SAM's embedding width and input size."""
+        vision = self.model.config.vision_config
+        mine = (int(vision.output_channels), int(vision.image_size))
+        theirs = (getattr(encoder, "out_dim", None), getattr(encoder, "input_size", None))
+        if mine != theirs:
+            raise ParamError(
+                f"the mask encoder's embedding (width {theirs[0]}, input {theirs[1]} px) is not what this SAM's "
+                f"mask decoder reads (width {mine[0]}, input {mine[1]} px)",
+                param="reuse_mask_encoder",
+                fix="point sam_path at the SAM the mask encoder comes from, or set reuse_mask_encoder: false",
+            )
+        self.model.vision_encoder = None  # never run: the embeddings come from ``encoder``
+        self.weights_id = weights_digest(self.model) + "+encoder:" + weights_digest(encoder)
 
     @property
     def device(self) -> torch.device:
