@@ -481,7 +481,7 @@ def broken_checkpoints(run_root: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 BROKEN_CKPTS = ["empty", "truncated", "garbage", "text", "list", "no_state_dict", "shape", "other_model", "folder"]
-CKPT_COMMANDS = ["fit --resume", "validate", "test", "predict", "analyze attention"]
+CKPT_COMMANDS = ["fit --resume", "validate", "test", "predict", "chat", "analyze attention"]
 
 
 @pytest.mark.parametrize("command", CKPT_COMMANDS)
@@ -499,6 +499,11 @@ def test_broken_checkpoint_on_every_command(case: str, command: str, run_root: P
         Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
         argv = ["predict", "--recipe", TINY, "--ckpt", ckpt, "--image", str(image), "--text", "the red circle",
                 "--out", str(tmp_path / "mask.png"), out]
+    elif command == "chat":
+        image = tmp_path / "in.png"
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+        argv = ["chat", "--recipe", TINY, "--ckpt", ckpt, "--image", str(image), "--out-dir", str(tmp_path / "chat"),
+                out]
     elif command == "analyze attention":
         argv = ["analyze", "attention", "--recipe", TINY, "--ckpt", ckpt, "--out", str(tmp_path / "analysis"), out]
     else:
@@ -506,7 +511,7 @@ def test_broken_checkpoint_on_every_command(case: str, command: str, run_root: P
         if command == "fit --resume":
             argv = ["fit", "--resume", "--recipe", TINY, out, "--ckpt", ckpt]
     _check(argv, capsys)
-    assert not (tmp_path / "mask.png").exists() and not (tmp_path / "analysis").exists()
+    assert not any((tmp_path / name).exists() for name in ("mask.png", "analysis", "chat"))
 
 
 ARGPARSE = [

@@ -122,3 +122,49 @@ def test_bench_end_to_end_times_prefill_decode_and_decoder(tmp_path: Path) -> No
     refused = parser.parse_args(["--recipe", tiny, "--vs", tiny, "--decode-steps", "3", "--random-init", "qwen2-0.5b"])
     with pytest.raises(Exception, match="--decode-steps times whole models"):
         run_bench(refused)
+
+
+def test_chat_answers_each_line_and_writes_its_masks(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``segrouter chat``: one generated answer per line, its [SEG] masks at the current image's size in the
+    output folder; ``:image`` switches images; a bad line is one error line and the session goes on; ``:quit``
+    ends it. A bad start (used output folder, missing image) is exit 2 before any model is built."""
+    import io
+
+    import segrouter.predict
+
+    tiny = str(ROOT / "recipes" / "tiny.yaml")
+    model, data = build_model(tiny_cfg(tmp_path))
+    tok = data.tokenizer
+    word, seg = tok.convert_tokens_to_ids(["it", "[SEG]"])
+
+    class Cycling(Scripted):  # "it [SEG]" then end, every turn
+        def forward(self, state: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(self.vocab)
+            logits[self.script[self.step % len(self.script)]] = 1.0
+            self.step += 1
+            return logits
+
+    model.llm.lm_head = Cycling([word, seg, tok.eos_token_id], len(tok))
+    built = []
+    monkeypatch.setattr(segrouter.predict, "load_model",
+                        lambda *a: built.append(a) or (model.eval(), data))
+    Image.fromarray(np.full((20, 30, 3), 90, dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((12, 8, 3), 200, dtype=np.uint8)).save(tmp_path / "b.png")
+    lines = (f"the red circle\n:image {tmp_path / 'nope.png'}\n:zoom\n\n:image {tmp_path / 'b.png'}\nthe square\n"
+             ":quit\nx\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    capsys.readouterr()
+    out_dir = tmp_path / "chat"
+    assert main(["chat", "--recipe", tiny, "--image", str(tmp_path / "a.png"), "--out-dir", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("it [SEG]") == 2  # two turns: "x" after :quit is never read
+    assert "error: image not found" in out and "unknown command ':zoom'" in out and "now " in out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["1.png", "1_overlay.png", "2.png", "2_overlay.png"]
+    assert Image.open(out_dir / "1.png").size == (30, 20) and Image.open(out_dir / "2.png").size == (8, 12)
+    built.clear()
+    assert main(["chat", "--recipe", tiny, "--image", str(tmp_path / "a.png"), "--out-dir", str(out_dir)]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    argv = ["chat", "--recipe", tiny, "--image", str(tmp_path / "nope.png"), "--out-dir", str(tmp_path / "n")]
+    assert main(argv) == 2
+    assert "image not found" in capsys.readouterr().err and not built and not (tmp_path / "n").exists()

@@ -174,7 +174,8 @@ def test_superpixels_reuse_the_mask_encoders_sam_pass(tmp_path: Path, capsys: py
     ssp = ["model.compressor.name=sam_superpixel", "model.compressor.generator=sam",
            f"model.compressor.sam_path={tmp_path / 'sam'}", "model.compressor.reuse_mask_encoder=true",
            "model.compressor.points_per_side=4", "model.compressor.pred_iou_thresh=0.0",
-           "model.compressor.stability_thresh=0.0", "model.compressor.min_area=2", "model.compressor.aggregator_heads=2"]
+           "model.compressor.stability_thresh=0.0", "model.compressor.min_area=2",
+           "model.compressor.aggregator_heads=2"]
     arch = [*lisa_arch(tmp_path, f"model.mask_encoder.path={tmp_path / 'sam'}", "model.mask_decoder.embed_dim=32"),
             *ssp, *data]
     model, dm = build_model(tiny_cfg(tmp_path, *arch[1:]))

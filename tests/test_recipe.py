@@ -42,8 +42,8 @@ def test_nested_bases_and_interpolation(tmp_path: Path) -> None:
 
 
 def test_shipped_recipes_validate() -> None:
-    root = Path(__file__).resolve().parents[1] / "recipes"
-    for path in sorted(root.glob("*.yaml")):
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted([*(root / "recipes").glob("*.yaml"), *(root / "benchmarks").glob("*.yaml")]):
         load_recipe(path)
 
 

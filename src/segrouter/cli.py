@@ -1,5 +1,5 @@
-"""``segrouter`` command line: fit, validate, test, predict, bench, card, analyze, compare, sweep, consolidate,
-import, list.
+"""``segrouter`` command line: fit, validate, test, predict, chat, bench, card, analyze, compare, sweep,
+consolidate, import, list.
 
 Every user-fixable problem ends as one line on stderr and exit code 2 (see :mod:`segrouter.errors`);
 the recipe is loaded and fully validated before any model is built or any file is written. SIGTERM and
@@ -57,6 +57,8 @@ COMMANDS: dict[str, Command] = {  # in the order of `segrouter --help`
     "card": Command("segrouter.card", "efficiency card: a recipe's FLOPs and speed at the testbed and real LLM "
                     "shapes, beside its runs' accuracy", ("plugins",)),
     "predict": Command("segrouter.predict", "segment your own images from a checkpoint", ("plugins",)),
+    "chat": Command("segrouter.chat", "talk to a checkpoint about an image: generated answers and their masks",
+                    ("plugins",)),
     "consolidate": Command("segrouter.consolidate", "merge a DeepSpeed checkpoint folder into one .ckpt file"),
     "import": Command("segrouter.importer", "turn a published model's checkpoint (lisa) into a recipe and checkpoint",
                       ("plugins",)),
