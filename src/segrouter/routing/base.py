@@ -226,9 +226,11 @@ def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx[..., None].expand(*idx.shape, *x.shape[2:]))
 
 
-def scatter(x: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Write ``values`` back to positions ``idx`` of ``x`` where ``ok`` (out of place, autograd-safe)."""
-    values = torch.where(ok[..., None], values, gather(x, idx))
+def scatter(x: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+    """Write ``values`` back to positions ``idx`` of ``x`` where ``ok`` (out of place, autograd-safe); ``ok`` None:
+    every slot is valid (a pack without padding), which saves re-reading ``x`` at ``idx``."""
+    if ok is not None:
+        values = torch.where(ok[..., None], values, gather(x, idx))
     return x.scatter(1, idx[..., None].expand_as(values), values)
 
 

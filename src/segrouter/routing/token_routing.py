@@ -75,9 +75,11 @@ class _Plan:
     f_idx: torch.Tensor
     f_ok: torch.Tensor
     weight: torch.Tensor | None  # score rule: per-token scale of the FFN update
+    f_full: bool = False  # no padding in the FFN pack (every f_ok true): its write-back skips the mask
     attention: tuple | None = None  # routed: layer — (bias, rotary, positions) of the FFN pack, which alone attends
     r_idx: torch.Tensor | None = None
     r_ok: torch.Tensor | None = None
+    r_full: bool = False  # no padding in the routed pack
     source: torch.Tensor | None = None
     mix: torch.Tensor | None = None
 
@@ -240,10 +242,12 @@ class TokenRouting(SeededStrategy):
         proxies) by its place in the FFN pack, so its update is a gather of the proxies' FFN updates."""
         ffn_active = active & ~(is_image & ~proxies)
         f_idx, f_ok = select(ffn_active)
+        full = {"f_full": bool(f_ok.all())}
         routed = active & is_image & ~proxies
         if self.zero_update or not bool(routed.any()):  # projector: zero — routed tokens get no update to gather
-            return _Plan(ffn_active, f_idx, f_ok, weight)
+            return _Plan(ffn_active, f_idx, f_ok, weight, **full)
         r_idx, r_ok = select(routed)
+        full["r_full"] = bool(r_ok.all())
         p_idx, p_ok = select(proxies)
         slot = torch.zeros_like(is_image, dtype=torch.long).scatter(
             1, f_idx, torch.arange(f_idx.shape[1], device=f_idx.device).expand_as(f_idx))
@@ -251,17 +255,17 @@ class TokenRouting(SeededStrategy):
         if self.assignment == "random":  # control: any proxy of the sample, wherever it lies
             draw = self.rand(*r_idx.shape, p_idx.shape[1], device=r_idx.device).masked_fill(~p_ok[:, None, :], -1.0)
             return _Plan(ffn_active, f_idx, f_ok, weight, r_idx=r_idx, r_ok=r_ok,
-                         source=gather(p_slot, draw.argmax(dim=-1)))
+                         source=gather(p_slot, draw.argmax(dim=-1)), **full)
         d2 = torch.cdist(gather(seq.coords, r_idx), gather(seq.coords, p_idx)).square()
         d2 = d2.masked_fill(~p_ok[:, None, :], float("inf"))
         if self.assignment == "nearest":
             nearest = gather(p_slot, d2.argmin(dim=-1))
-            return _Plan(ffn_active, f_idx, f_ok, weight, r_idx=r_idx, r_ok=r_ok, source=nearest)
+            return _Plan(ffn_active, f_idx, f_ok, weight, r_idx=r_idx, r_ok=r_ok, source=nearest, **full)
         k = min(self.neighbours, d2.shape[-1])
         kth = d2.topk(k, dim=-1, largest=False).values[..., -1:]
         logits = (-d2 / spacing[:, None, None].square()).masked_fill(d2 > kth, float("-inf"))
         return _Plan(ffn_active, f_idx, f_ok, weight, r_idx=r_idx, r_ok=r_ok, source=p_slot,
-                     mix=logits.softmax(dim=-1).to(seq.embeds.dtype))
+                     mix=logits.softmax(dim=-1).to(seq.embeds.dtype), **full)
 
     def _choose(self, i: int, layer: nn.Module, h: torch.Tensor, layer_input: torch.Tensor, active: torch.Tensor,
                 is_image: torch.Tensor, rankers: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor,
@@ -296,9 +300,12 @@ class TokenRouting(SeededStrategy):
         the proxies are fixed (grid rule); otherwise it is made here, from this layer's states."""
         if self.whole_layer:
             return self._whole_routed_layer(i, llm, layer, phase, plan, seq, is_image, counts, prior, spacing, h)
-        active, idx, ok, p_a, bias, pe = phase
+        active, idx, ok, p_a, bias, pe, dense = phase
         layer_input = h
-        h = scatter(h, idx, ok, attention_residual(layer, gather(h, idx), bias, pe))
+        if dense:  # every token attends: no packing
+            h = attention_residual(layer, h, bias, pe)
+        else:
+            h = scatter(h, idx, ok, attention_residual(layer, gather(h, idx), bias, pe))
         if plan is None:
             proxies, weight = self._choose(i, layer, h, layer_input, active, is_image, rankers, counts, prior,
                                            (idx, ok, p_a, pe))
@@ -307,7 +314,7 @@ class TokenRouting(SeededStrategy):
         delta_f = ffn_update(layer, h_f)
         if plan.weight is not None:
             delta_f = delta_f * gather(plan.weight, plan.f_idx).unsqueeze(-1)
-        h = scatter(h, plan.f_idx, plan.f_ok, h_f + delta_f)
+        h = scatter(h, plan.f_idx, None if plan.f_full else plan.f_ok, h_f + delta_f)
         if plan.r_idx is None:
             return h, plan
         update = gather(delta_f, plan.source)  # nearest: each routed token's proxy update; weighted: the proxies'
@@ -316,7 +323,7 @@ class TokenRouting(SeededStrategy):
         h_r = gather(h, plan.r_idx)
         projector = self.projectors[str(i)]
         token = layer.post_attention_layernorm(h_r) if projector.with_token else None  # computed only when used
-        return scatter(h, plan.r_idx, plan.r_ok, h_r + projector(update, token)), plan
+        return scatter(h, plan.r_idx, None if plan.r_full else plan.r_ok, h_r + projector(update, token)), plan
 
     def _whole_routed_layer(self, i: int, llm: CausalLLM, layer: nn.Module, phase: tuple, plan: _Plan | None,
                             seq: TokenSequence, is_image: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor,
@@ -324,7 +331,7 @@ class TokenRouting(SeededStrategy):
         """``routed: layer`` (ours, beyond the paper; ProxyV/MoD-like): the routed image tokens sit the whole
         layer out — attention included, as queries and as keys — and receive their proxies' whole-layer update
         (attention + FFN) through the projector."""
-        active, idx, ok, p_a, bias, pe = phase
+        active, idx, ok, p_a, bias, pe, _ = phase
         if plan is None:
             proxies, weight = self._choose(i, layer, h, h, active, is_image, torch.zeros_like(active), counts, prior,
                                            (idx, ok, p_a, pe))
@@ -338,7 +345,7 @@ class TokenRouting(SeededStrategy):
                       **cache_kwargs(layer)) - h_k
         if plan.weight is not None:
             delta = delta * gather(plan.weight, plan.f_idx).unsqueeze(-1)
-        h = scatter(h, plan.f_idx, plan.f_ok, h_k + delta)
+        h = scatter(h, plan.f_idx, None if plan.f_full else plan.f_ok, h_k + delta)
         if plan.r_idx is None:
             return h, plan
         update = gather(delta, plan.source)
@@ -347,7 +354,7 @@ class TokenRouting(SeededStrategy):
         h_r = gather(h, plan.r_idx)
         projector = self.projectors[str(i)]
         token = layer.input_layernorm(h_r) if projector.with_token else None
-        return scatter(h, plan.r_idx, plan.r_ok, h_r + projector(update, token)), plan
+        return scatter(h, plan.r_idx, None if plan.r_full else plan.r_ok, h_r + projector(update, token)), plan
 
     def decode_layers(self, num_layers: int, kind: Kind, after_mask: bool) -> range:
         """A generated mask token (and, with ``late_text``, text after the first one) enters at ``insert_layer``,
@@ -377,13 +384,15 @@ class TokenRouting(SeededStrategy):
                 idx, ok = select(active)
                 p_a = gather(pos, idx)
                 bias = attention_bias(p_a, ok, p_a, ok, h.dtype)
-                phases[early] = (active, idx, ok, p_a, bias, llm.rotary(h, p_a))
-            active, idx, ok, p_a, bias, pe = phases[early]
+                dense = idx.shape[1] == h.shape[1] and bool(ok.all())  # every token active: idx is the identity
+                phases[early] = (active, idx, ok, p_a, bias, llm.rotary(h, p_a), dense)
+            phase = phases[early]
+            active, idx, ok, p_a, bias, pe, dense = phase
             if not self.routed[i]:
                 self.stats.record(active, active)
-                h = scatter(h, idx, ok, run_layer(llm, layer, gather(h, idx), bias, pe, p_a))
+                h = run_layer(llm, layer, h, bias, pe, p_a) if dense else \
+                    scatter(h, idx, ok, run_layer(llm, layer, gather(h, idx), bias, pe, p_a))
                 continue
-            phase = (active, idx, ok, p_a, bias, pe)
             body = partial(self._routed_layer, i, llm, layer, phase, fixed.get(early),
                            seq, is_image, rankers, counts, prior, spacing)
             if getattr(llm, "gradient_checkpointing", False) and torch.is_grad_enabled():
