@@ -65,6 +65,21 @@ def test_generated_seg_gives_the_teacher_forced_mask(tmp_path: Path, routing: st
     assert torch.allclose(masks[0], expected, atol=1e-4), (masks[0] - expected).abs().max()
 
 
+def test_token_routing_with_every_image_token_a_proxy_generates_what_full_does(tmp_path: Path) -> None:
+    """With every image token a proxy (and [SEG] from layer 0), token routing is full: greedy generation on the
+    same weights writes the same tokens, and the mask at the end is the same."""
+    routed = ["model.routing.name=token_routing", "model.routing.insert_layer=0", "model.routing.route_start=0",
+              "model.routing.proxy_ratio=1.0", "model.routing.proxy_rule=grid"]
+    full, data = build_model(tiny_cfg(tmp_path, *ROUTINGS["full"]))
+    model, _ = build_model(tiny_cfg(tmp_path, *routed))
+    missing = model.load_state_dict(full.state_dict(), strict=False).missing_keys
+    assert all(k.startswith("routing.") for k in missing)  # the projectors, which no token uses here
+    batch = prompt_batch(data.tokenizer, scene(), "the red circle", data.cfg.data.prompt)
+    out = [generate(m.eval(), batch, max_new_tokens=6, mask_at_end=True) for m in (full, model)]
+    assert out[0][0] == out[1][0] and len(out[0][0]) == 6
+    torch.testing.assert_close(out[1][1][-1], out[0][1][-1], atol=1e-4, rtol=1e-4)
+
+
 def test_pruned_tokens_are_not_in_later_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import DynamicCache
 

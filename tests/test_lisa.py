@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_refcoco import make_layout
@@ -79,6 +80,54 @@ def test_hf_clip_reads_llava_layer_without_cls(tmp_path: Path) -> None:
         assert torch.allclose(enc(images), ref.transpose(1, 2).reshape(2, 32, 4, 4), atol=1e-6)
     with pytest.raises(Exception, match="takes 56-px images"):
         HFCLIP(64, path=str(tmp_path / "clip"))
+
+
+def test_clip_reads_clips_own_centre_crop(tmp_path: Path) -> None:
+    """LISA feeds its CLIP what transformers' CLIPImageProcessor makes of the original image (shortest side at the
+    tower's size, bicubic, centre crop), not the letterbox: the datasets give the model that crop as
+    ``vision_image`` (equal to the processor's up to its one-level rounding), and the tower reads it; the mask
+    frame stays the letterbox. ``preprocess: letterbox`` gives the tower the letterbox instead."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from segrouter.images import center_crop, crop_box, letterbox_to_crop
+
+    rng = np.random.default_rng(0)
+    for hw in ((30, 50), (50, 30)):
+        image = Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8))
+        processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                       do_normalize=False)
+        ref = torch.as_tensor(np.asarray(processor.preprocess(image, return_tensors="np")["pixel_values"][0]))
+        diff = (center_crop(image, 28) - ref).abs()
+        assert diff.max() <= 1 / 255 + 1e-6 and (diff > 1e-5).float().mean() < 0.02
+    assert crop_box(30, 50, 28) == (0, 9, 28, 46) and crop_box(50, 30, 28) == (9, 0, 46, 28)
+    mask = torch.zeros(1, 8, 8)  # a letterbox of a 4×8 image: content (4, 8); the mask is the content's right half
+    mask[0, :4, 4:] = 1
+    np.testing.assert_array_equal(letterbox_to_crop(mask, torch.tensor([[4, 8]]))[0].numpy(), _crop_of_right_half())
+
+    root, images = make_layout(tmp_path)
+    data = ["data.dataset.name=refcoco", f"data.dataset.root={root}", f"data.dataset.image_dir={images}",
+            f"data.dataset.image_size={CLIP_SIZE}", "data.batch_size=2", "data.eval_batch_size=2"]
+    clip = [f"model.image_size={CLIP_SIZE}", "model.vision_encoder.name=hf_clip", "model.vision_encoder.patch_size=14",
+            "model.vision_encoder.hidden_size=32", "model.vision_encoder.depth=2", "model.vision_encoder.num_heads=2",
+            "model.vision_encoder.intermediate_size=64"]
+    model, dm = build_model(tiny_cfg(tmp_path, *clip, *data))
+    train = dm.dataset("train")
+    sample = next(s for s in (train[i] for i in range(len(train))) if tuple(s["content_hw"].tolist()) != (56, 56))
+    original = Image.open(images / "b.jpg").convert("RGB")
+    torch.testing.assert_close(sample["vision_image"], center_crop(original, CLIP_SIZE))
+    seen = []
+    model.vision.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    batch = dm.collate([sample])
+    model(batch)
+    assert torch.equal(seen[0], batch["vision_image"]) and not torch.equal(seen[0], batch["image"])
+    model, dm = build_model(tiny_cfg(tmp_path, *clip, *data, "model.vision_encoder.preprocess=letterbox"))
+    assert "vision_image" not in dm.dataset("train")[0]
+
+
+def _crop_of_right_half() -> np.ndarray:
+    """The 4×8 image's right half on its 8×8 centre crop: resized to 8×16, columns 4..11 kept: 4..7 out, 8..11 in."""
+    return np.tile(np.array([0.0, 0, 0, 0, 1, 1, 1, 1]), (8, 1))
 
 
 # ------------------------------------------------------------------------------------------- SAM key names

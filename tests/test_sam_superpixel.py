@@ -257,6 +257,23 @@ def test_reused_sam_embedding_gives_the_partition_of_a_second_sam_pass(tmp_path:
         proj(torch.randn(1, 8, 4, 4), images, ImageContext())
 
 
+def test_reused_partition_maps_onto_a_centre_crop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a vision encoder that reads a centre crop (CLIP's preprocessing), SAM's partition of the whole image
+    (its content in SAM's letterbox) is resized as the crop resizes the image and cropped: a wide image's four
+    vertical stripes leave the middle two on the crop, one token region each."""
+    from segrouter.compressors.base import ImageContext
+
+    proj, _, _ = _reused(tmp_path)
+    stripes = np.broadcast_to(np.arange(64)[None] // 16, (32, 64)).astype(np.int64)
+    seen = []
+    monkeypatch.setattr(proj.cache, "get", lambda image, generator, compute=None: seen.append(image.shape) or stripes)
+    ctx = ImageContext(center_crop=True, sam_embedding=torch.zeros(1, 32, 8, 8), sam_image=torch.rand(1, 3, 64, 64),
+                       sam_image_hw=torch.tensor([[32, 64]]))
+    (labels,) = proj.partitions(torch.rand(1, 3, 16, 16), ctx)
+    assert seen == [(32, 64, 3)]  # SAM partitioned the image inside its letterbox padding
+    np.testing.assert_array_equal(labels, np.tile(np.repeat([0, 1], 8), (16, 1)))
+
+
 def test_reuse_needs_a_matching_sam_mask_encoder(tmp_path: Path) -> None:
     from segrouter.vision_encoders.sam_vit import SamViT
 

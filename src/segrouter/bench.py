@@ -195,7 +195,7 @@ def _from_recipes(args: argparse.Namespace, cfgs: dict[str, Any], device: torch.
                   dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy],
                                                dict[str, float], dict[str, Any]]:
     from segrouter.build import build
-    from segrouter.generate import generate, prompt_batch
+    from segrouter.generate import ENCODER_INPUTS, generate, prompt_batch
 
     runs, strategies, visual = {}, {}, {}
     for name, cfg in cfgs.items():
@@ -203,9 +203,8 @@ def _from_recipes(args: argparse.Namespace, cfgs: dict[str, Any], device: torch.
         model = model.to(device=device, dtype=dtype).eval()
         samples = [data.dataset("val")[i] for i in range(args.batch)]
         if args.decode_steps:  # end to end: the whole model on one prompt, prefill + decode steps + mask decoder
-            own = (samples[0]["mask_image"], samples[0]["mask_image_hw"]) if "mask_image" in samples[0] else None
-            hw = tuple(samples[0]["content_hw"].tolist()) if "content_hw" in samples[0] else None
-            batch = prompt_batch(data.tokenizer, samples[0]["image"], samples[0]["text"], cfg.data.prompt, own, hw)
+            inputs = {k: samples[0][k] for k in ENCODER_INPUTS if k in samples[0]}
+            batch = prompt_batch(data.tokenizer, samples[0]["image"], samples[0]["text"], cfg.data.prompt, inputs)
         else:
             batch = data.collate(samples)
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}

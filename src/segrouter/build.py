@@ -35,6 +35,7 @@ def build(cfg: DictConfig, *, init_weights: bool = False) -> tuple[SegmentationM
     val = data.dataset("val")  # dataset parameter checks fail here, before the model is built or a run folder exists
     model = SegmentationMLLM(cfg, tokenizer, getattr(val, "semantic_classes", None))
     data.mask_image_size = getattr(model.mask_encoder, "input_size", None)
+    data.vision_crop = model.vision.center_crop
     parts = [name for name, _ in model.named_children()]
     unknown = [m for m in cfg.init_modules if m not in parts]
     if unknown:

@@ -23,6 +23,7 @@ shortened (pruning) or not (token routing's FFN routing saves prefill FFN work o
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,23 +31,24 @@ import torch
 from segrouter.errors import SegrouterError
 from segrouter.routing.base import Kind, cache_kwargs, filling_cache
 
+ENCODER_INPUTS = ("content_hw", "mask_image", "mask_image_hw", "vision_image")  # a sample's per-image extras
+
 
 def prompt_batch(tokenizer: Any, image: torch.Tensor, expression: str, prompt: str,
-                 mask_image: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 content_hw: tuple[int, int] | None = None) -> dict[str, Any]:
-    """A one-sample batch of the prompt alone (no answer): ``image`` (3, S, S) letterboxed, ``content_hw`` its size
-    inside the padding (None: none); ``mask_image`` the mask encoder's own letterbox and its content size, where it
-    reads one."""
+                 inputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """A one-sample batch of the prompt alone (no answer): ``image`` (3, S, S) letterboxed; ``inputs``, the sample's
+    other per-image tensors (:data:`ENCODER_INPUTS`: the letterbox's content size, the mask encoder's own input,
+    the vision encoder's centre crop), each batched here."""
     from segrouter.text import encode_prompt
 
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = torch.tensor([bos + encode_prompt(tokenizer, expression, prompt)])
     batch: dict[str, Any] = {"image": image[None], "input_ids": ids, "labels": torch.full_like(ids, -100),
                              "text_mask": torch.ones_like(ids, dtype=torch.bool)}
-    if mask_image is not None:
-        batch["mask_image"], batch["mask_image_hw"] = mask_image[0][None], mask_image[1][None]
-    if content_hw is not None:
-        batch["content_hw"] = torch.tensor([content_hw])
+    for key, value in (inputs or {}).items():
+        if key not in ENCODER_INPUTS:
+            raise SegrouterError(f"prompt_batch got an unknown input {key!r}", fix=f"pass only {ENCODER_INPUTS}")
+        batch[key] = value[None]
     return batch
 
 

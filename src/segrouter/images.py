@@ -60,6 +60,37 @@ def letterbox_input(image: Image.Image, size: int) -> tuple[torch.Tensor, torch.
     return letterbox(image, None, size)[0], torch.tensor(letterbox_size(image.height, image.width, size))
 
 
+def center_crop(image: Image.Image, size: int) -> torch.Tensor:
+    """CLIP's preprocessing (transformers' ``CLIPImageProcessor``, which LISA and LLaVA-1.0 feed their CLIP): the
+    shortest side resized to ``size`` (bicubic), then the centre ``size``×``size`` crop; (3, size, size) in [0, 1].
+    The LLM then sees the middle of a wide or tall image, not its letterbox (see :func:`crop_box`)."""
+    top, left, h, w = crop_box(image.height, image.width, size)
+    rgb = image.convert("RGB").resize((w, h), Image.BICUBIC)
+    crop = np.asarray(rgb, dtype=np.float32)[top : top + size, left : left + size] / 255.0
+    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)
+
+
+def crop_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(top, left, resized height, resized width) of :func:`center_crop`: the image resized so that its shortest
+    side is ``size`` (the long side truncated, as transformers does), and where the centre crop starts."""
+    short, long = (height, width) if height <= width else (width, height)
+    other = int(size * long / short)
+    h, w = (size, other) if height <= width else (other, size)
+    return (h - size) // 2, (w - size) // 2, h, w
+
+
+def letterbox_to_crop(masks: torch.Tensor, content_hw: torch.Tensor) -> torch.Tensor:
+    """Letterboxed masks (B, S, S) on the frame of :func:`center_crop` at the same size: each mask's content
+    (``content_hw`` (B, 2)) resized as the crop resizes the image (nearest), then centre-cropped."""
+    size = masks.shape[-1]
+    out = []
+    for mask, (h, w) in zip(masks, content_hw.tolist(), strict=True):
+        top, left, rh, rw = crop_box(h, w, size)
+        resized = F.interpolate(mask[None, None, :h, :w].float(), size=(rh, rw), mode="nearest")[0, 0]
+        out.append(resized[top : top + size, left : left + size])
+    return torch.stack(out).to(masks.dtype)
+
+
 def unletterbox(logits: torch.Tensor, content_hw: tuple[int, int], original_hw: tuple[int, int]) -> torch.Tensor:
     """Mask logits (S, S) of a letterboxed image back on the original image's pixels (H, W): the padding cropped
     off (``content_hw``, from :func:`letterbox_size`), then a bilinear resize (LISA's ``postprocess_masks``)."""

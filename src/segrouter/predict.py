@@ -91,31 +91,36 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
-def mask_input(model: Any, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The mask encoder's own letterbox of ``image`` and its content size, where it reads one (``sam_vit``)."""
-    from segrouter.images import letterbox_input
+def encoder_inputs(model: Any, image: Image.Image) -> dict[str, torch.Tensor]:
+    """What a dataset sample carries besides the letterboxed ``image``, for this model's encoders: the letterbox's
+    content size, the mask encoder's own letterbox where it reads one (``sam_vit``), the vision encoder's centre
+    crop where it reads one (``hf_clip``)."""
+    from segrouter.images import center_crop, letterbox_input, letterbox_size
 
-    size = getattr(model.mask_encoder, "input_size", None)
-    return None if size is None else letterbox_input(image, size)
+    size = model.image_size
+    out = {"content_hw": torch.tensor(letterbox_size(image.height, image.width, size))}
+    mask_size = getattr(model.mask_encoder, "input_size", None)
+    if mask_size is not None:
+        out["mask_image"], out["mask_image_hw"] = letterbox_input(image, mask_size)
+    if model.vision.center_crop:
+        out["vision_image"] = center_crop(image, size)
+    return out
 
 
 def predict_mask(model: Any, data: Any, image: Image.Image, text: str, device: torch.device) -> tuple[np.ndarray, int]:
     """Bool (H, W) mask at the image's own size for one expression, and how many visual tokens the LLM
     read (adaptive compressors such as ``sam_superpixel`` vary it per image)."""
-    from segrouter.images import letterbox, letterbox_size, unletterbox
+    from segrouter.images import letterbox, unletterbox
 
     size = model.image_size
     img, _ = letterbox(image, None, size)
-    hw = letterbox_size(image.height, image.width, size)
-    sample = {"image": img, "mask": torch.zeros(size, size), "text": text, "id": "0", "content_hw": torch.tensor(hw)}
-    own = mask_input(model, image)
-    if own is not None:
-        sample["mask_image"], sample["mask_image_hw"] = own
+    inputs = encoder_inputs(model, image)
+    sample = {"image": img, "mask": torch.zeros(size, size), "text": text, "id": "0", **inputs}
     batch = data.collate([sample])
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.no_grad():
         out = model(batch)
-    full = unletterbox(out["masks"][0], hw, (image.height, image.width))
+    full = unletterbox(out["masks"][0], tuple(inputs["content_hw"].tolist()), (image.height, image.width))
     return (full > 0).cpu().numpy(), int(out["visual_tokens"][0])
 
 
@@ -123,12 +128,12 @@ def generate_masks(model: Any, data: Any, image: Image.Image, text: str, device:
                    max_new_tokens: int) -> tuple[str, list[np.ndarray]]:
     """The generated answer's text and one bool (H, W) mask per [SEG] it contains (:mod:`segrouter.generate`)."""
     from segrouter.generate import generate, prompt_batch
-    from segrouter.images import letterbox, letterbox_size, unletterbox
+    from segrouter.images import letterbox, unletterbox
 
-    size = model.image_size
-    hw, original = letterbox_size(image.height, image.width, size), (image.height, image.width)
-    batch = prompt_batch(data.tokenizer, letterbox(image, None, size)[0], text, data.cfg.data.prompt,
-                         mask_input(model, image), hw)
+    inputs = encoder_inputs(model, image)
+    hw, original = tuple(inputs["content_hw"].tolist()), (image.height, image.width)
+    batch = prompt_batch(data.tokenizer, letterbox(image, None, model.image_size)[0], text, data.cfg.data.prompt,
+                         inputs)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     tokens, logits = generate(model, batch, max_new_tokens=max_new_tokens, eos_token_id=data.tokenizer.eos_token_id)
     return (data.tokenizer.decode(tokens, skip_special_tokens=False),

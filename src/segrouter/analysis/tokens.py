@@ -30,6 +30,7 @@ import torch
 
 from segrouter.analysis.base import plot_per_layer
 from segrouter.errors import SegrouterError
+from segrouter.images import letterbox_to_crop
 from segrouter.routing.base import Kind, recording_tokens
 
 MEASURES = ("kept", "inside", "recall")
@@ -58,7 +59,10 @@ def token_placement(model: Any, batches: list[dict[str, Any]]) -> dict[str, Any]
             ffn_masks = model.routing.stats.ffn_masks
             _check_record(ffn_masks, layers, seq.kinds.shape, model.cfg.model.routing.name)
             image = seq.is_kind(Kind.IMAGE)
-            on_target = image & inside_mask(seq.coords, batch["mask"].to(seq.coords.device))
+            masks = batch["mask"]
+            if "vision_image" in batch:  # the tokens lie on the vision encoder's centre crop, not the letterbox
+                masks = letterbox_to_crop(masks, batch["content_hw"])
+            on_target = image & inside_mask(seq.coords, masks.to(seq.coords.device))
             n_image, n_inside = image.sum(dim=1), on_target.sum(dim=1)
             with_image += int((n_image > 0).sum())
             use = n_inside > 0

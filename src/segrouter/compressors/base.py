@@ -37,12 +37,14 @@ class VisualTokens:
 class ImageContext:
     """What the model knows of a batch's images besides its input pixels, for compressors that partition images.
 
-    ``content_hw`` (B, 2): each input image's (h, w) inside its letterbox padding (None: no padding). ``sam_*``:
+    ``content_hw`` (B, 2): each input image's (h, w) inside its letterbox padding (None: no padding).
+    ``center_crop``: the images are centre crops of the originals (CLIP's preprocessing), not letterboxes. ``sam_*``:
     only for a compressor that :attr:`~Compressor.reads_sam_embedding` — the embedding of the model's SAM mask
     encoder (B, C, e, e), that encoder's input (B, 3, S, S) in [0, 1] and each image's (h, w) inside its padding,
     so that the superpixels reuse the SAM pass the mask decoder needs anyway."""
 
     content_hw: torch.Tensor | None = None
+    center_crop: bool = False
     sam_embedding: torch.Tensor | None = None
     sam_image: torch.Tensor | None = None
     sam_image_hw: torch.Tensor | None = None

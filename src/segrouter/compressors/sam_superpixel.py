@@ -23,8 +23,8 @@ Only the image inside its letterbox padding is partitioned (``content_hw`` of th
 padding is no region and makes no token, so a dark object touching it cannot merge with it. With
 ``reuse_mask_encoder`` (the paper's setting) SAM's masks come from the embedding the model's SAM mask encoder
 (``sam_vit``, LISA's frozen SAM) computes for the mask decoder anyway, on that encoder's own input; only SAM's
-prompt encoder and mask decoder run again, over the point grid, and the partition is resized to the LLM-side
-image.
+prompt encoder and mask decoder run again, over the point grid, and the partition is mapped onto the LLM-side
+image (resized into its letterbox, or resized and cropped as CLIP's centre crop is: ``ImageContext.center_crop``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from torch import nn
 
 from segrouter.compressors.base import Compressor, ImageContext, VisualTokens, projection
 from segrouter.errors import ParamError, SegrouterError
+from segrouter.images import crop_box
 from segrouter.registry import register
 from segrouter.superpixels import PartitionCache, SAMAutomaticMaskGenerator, SLICGenerator, relabel
 
@@ -284,7 +285,10 @@ class SAMSuperpixelProjector(Compressor):
         for i, (image, (sh, sw), (h, w)) in enumerate(zip(_uint8(context.sam_image), sam_hw, content, strict=True)):
             embedding = context.sam_embedding[i : i + 1]
             labels = self.cache.get(image[:sh, :sw], generator, lambda crop, e=embedding: generator(crop, e))
-            out.append(_place(labels if context.sam_image_hw is not None else labels[:h, :w], (h, w), size))
+            if context.sam_image_hw is None:
+                labels = labels[:h, :w]
+            # the LLM-side image is a centre crop of the original (CLIP's preprocessing) or its letterbox
+            out.append(_crop(labels, size[0]) if context.center_crop else _place(labels, (h, w), size))
         return out
 
     def forward(self, features: torch.Tensor, images: torch.Tensor,
@@ -316,15 +320,27 @@ def _uint8(images: torch.Tensor) -> np.ndarray:
     return (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def _resize(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """A label map resized to ``hw`` (nearest, by pixel centres)."""
+    rows = ((np.arange(hw[0]) + 0.5) * labels.shape[0] / hw[0]).astype(np.int64)
+    cols = ((np.arange(hw[1]) + 0.5) * labels.shape[1] / hw[1]).astype(np.int64)
+    return labels[rows[:, None], cols[None, :]]
+
+
 def _place(labels: np.ndarray, content: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """A partition of an image's content resized (nearest) to ``content`` (h, w) and placed at the top left of a
-    ``size`` map whose padding is -1; regions the resize loses are dropped (labels stay 0..K-1)."""
+    """A partition of an image's content resized to ``content`` (h, w) and placed at the top left of a ``size``
+    map whose padding is -1 (a letterbox); regions the resize loses are dropped (labels stay 0..K-1)."""
     h, w = content
-    rows = ((np.arange(h) + 0.5) * labels.shape[0] / h).astype(np.int64)
-    cols = ((np.arange(w) + 0.5) * labels.shape[1] / w).astype(np.int64)
     out = np.full(size, -1, dtype=np.int64)
-    out[:h, :w] = relabel(labels[rows[:, None], cols[None, :]])
+    out[:h, :w] = relabel(_resize(labels, content))
     return out
+
+
+def _crop(labels: np.ndarray, size: int) -> np.ndarray:
+    """A partition of a whole image mapped onto its centre crop (:func:`~segrouter.images.center_crop`): resized as
+    the image is, then cropped; regions outside the crop are dropped."""
+    top, left, h, w = crop_box(*labels.shape, size)
+    return relabel(_resize(labels, (h, w))[top : top + size, left : left + size])
 
 
 def _pad(stats: list[RegionStats]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from segrouter.errors import DataError
-from segrouter.images import BAD_IMAGE_ERRORS, letterbox, letterbox_input, letterbox_size, open_image
+from segrouter.images import BAD_IMAGE_ERRORS, center_crop, letterbox, letterbox_input, letterbox_size, open_image
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class ReferringImageDataset(Dataset):
     items: list[Any]
     name = "dataset"
     mask_image_size: int | None = None  # set by the data module for a mask encoder with its own input (sam_vit)
+    vision_crop: bool = False  # set by the data module for a vision encoder that reads a centre crop (hf_clip)
 
     def __init__(self, split: str, image_size: int, max_samples: int | None) -> None:
         if image_size < 16:
@@ -99,9 +100,11 @@ class ReferringImageDataset(Dataset):
         (:func:`~segrouter.images.letterbox`), plus ``extra`` keys. ``ignore`` (bool (H, W), ReasonSeg's "ignore"
         regions) marks pixels that scoring leaves out of both intersection and union (key ``ignore``). For a mask
         encoder that reads its own input (``mask_image_size``) the image is also letterboxed at that size
-        (``mask_image``, ``mask_image_hw``). ``content_hw`` is the size of the image inside the padding (scoring at
-        the original resolution crops it out; ``sam_superpixel`` partitions only it). Outside ``train`` the sample
-        also keeps the original mask (and ignore mask), which ``metrics.resolution: original`` scores against."""
+        (``mask_image``, ``mask_image_hw``); for a vision encoder that reads a centre crop (``vision_crop``), that
+        crop of the original at ``image_size`` (``vision_image``). ``content_hw`` is the size of the image inside the
+        padding (scoring at the original resolution crops it out; ``sam_superpixel`` partitions only it). Outside
+        ``train`` the sample also keeps the original mask (and ignore mask), which ``metrics.resolution: original``
+        scores against."""
         if mask.shape != (image.height, image.width):
             raise ValueError(f"mask {mask.shape} does not match image {image.height}×{image.width}")
         img, m = letterbox(image, mask, self.image_size)
@@ -111,6 +114,8 @@ class ReferringImageDataset(Dataset):
             out["ignore"] = letterbox(image, ignore, self.image_size)[1] > 0.5
         if self.mask_image_size is not None:  # the mask encoder's own letterbox of the original (LISA's SAM input)
             out["mask_image"], out["mask_image_hw"] = letterbox_input(image, self.mask_image_size)
+        if self.vision_crop:  # CLIP's own preprocessing, as LISA feeds its CLIP
+            out["vision_image"] = center_crop(image, self.image_size)
         if self.split != "train":
             out["original_mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))
             if ignore is not None:

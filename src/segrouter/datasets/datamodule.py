@@ -70,13 +70,15 @@ class SegDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self._resume: dict[str, int] | None = None  # from a checkpoint, used by the next train_dataloader()
         self.mask_image_size: int | None = None  # the mask encoder's input size (sam_vit), set by build()
+        self.vision_crop = False  # the vision encoder reads a centre crop (hf_clip), set by build()
 
     def dataset(self, split: str) -> Dataset:
         if split not in self.datasets:
             self.datasets[split] = registry("dataset").build(self.node, split, where="data.dataset")
         found = self.datasets[split]
-        if hasattr(found, "mask_image_size"):  # real images: the mask encoder's own input, when it has one
+        if hasattr(found, "mask_image_size"):  # real images: the encoders' own inputs, where they read them
             found.mask_image_size = self.mask_image_size
+            found.vision_crop = self.vision_crop
         return found
 
     def setup(self, stage: str) -> None:
@@ -134,6 +136,8 @@ class SegDataModule(L.LightningDataModule):
             batch["content_hw"] = torch.stack([s["content_hw"] for s in samples])
         if all("original_mask" in s for s in samples):  # for scoring at the original resolution (metrics.resolution)
             batch["original_mask"] = [s["original_mask"] for s in samples]
+        if all("vision_image" in s for s in samples):  # the vision encoder's centre crop (hf_clip, as LISA's CLIP)
+            batch["vision_image"] = torch.stack([s["vision_image"] for s in samples])
         if all("mask_image" in s for s in samples):  # the mask encoder's own input (sam_vit, LISA's SAM at 1024)
             batch["mask_image"] = torch.stack([s["mask_image"] for s in samples])
             batch["mask_image_hw"] = torch.stack([s["mask_image_hw"] for s in samples])

@@ -14,6 +14,7 @@ tokens, and ``metrics.control`` shuffles or zeroes them at evaluation (:func:`vi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -189,18 +190,19 @@ class SegmentationMLLM(L.LightningModule):
                 f"images are {tuple(images.shape[-2:])} but the model expects {self.image_size}×{self.image_size}",
                 fix="set data.dataset.image_size to model.image_size",
             )
-        feats = self.vision(images)
-        context = ImageContext(content_hw=batch.get("content_hw"))
+        cropped = "vision_image" in batch  # the vision encoder's centre crop of the original (hf_clip, as LISA)
+        pixels = batch["vision_image"] if cropped else images
+        feats = self.vision(pixels)
+        context = ImageContext(content_hw=None if cropped else batch.get("content_hw"), center_crop=cropped)
         mask_features = None
         if self.compressor.reads_sam_embedding:
             mask_features = self.decoder_features(batch, feats)
             own = "mask_image" in batch and self.mask_encoder is not None and self.mask_encoder.input_size is not None
-            context = ImageContext(
-                content_hw=context.content_hw, sam_embedding=mask_features,
-                sam_image=batch["mask_image"] if own else images,
+            context = dataclasses.replace(
+                context, sam_embedding=mask_features, sam_image=batch["mask_image"] if own else images,
                 sam_image_hw=batch["mask_image_hw"] if own else None,  # the mask encoder resized the whole input
             )
-        visual = self.compressor(feats, images, context)
+        visual = self.compressor(feats, pixels, context)
         if self.cfg.model.blind_llm:
             visual = visual_control(visual, "blind")
         if control is not None:

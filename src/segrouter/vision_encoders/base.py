@@ -18,6 +18,10 @@ class VisionEncoder(nn.Module):
     # the size of the encoder's own letterbox of the original image, when it reads one (SAM's 1024 as LISA's mask
     # encoder); datasets of real images then put it in the batch as ``mask_image``. None: it reads the model's input
     input_size: int | None = None
+    # True: the encoder reads a centre crop of the original image (CLIP's own preprocessing, as LISA feeds its CLIP:
+    # :func:`~segrouter.images.center_crop`) instead of the model's letterboxed input; datasets of real images then
+    # put it in the batch as ``vision_image`` (images that exist only at the model's size are square: the same)
+    center_crop: bool = False
 
     def set_normalisation(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
         """The per-channel mean and std (images in [0, 1]) that :meth:`normalise` applies: buffers that move with

@@ -5,12 +5,16 @@ LISA's LLM sees CLIP ViT-L/14-336 patch features from the second-to-last layer, 
 local HF directory in its own key names (``openai/clip-vit-large-patch14-336``, or the vision tower kept in a
 LISA checkpoint, see ``segrouter import lisa``), so no conversion to timm names is needed; without ``path`` a
 randomly initialised tower of the given size is built (tests, CPU runs). Frozen by default, as in LISA.
+
+``preprocess: center_crop`` (default) gives the tower what CLIP's own processor gives it, and LISA's: the
+original image's shortest side at the tower's size, centre-cropped (datasets of real images provide it as
+``vision_image``); ``letterbox`` gives it the model's letterboxed input instead (the whole image, padded).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -39,6 +43,7 @@ class HFCLIP(VisionEncoder):
         num_heads: int = 16,
         intermediate_size: int = 4096,
         select_layer: int = -2,
+        preprocess: Literal["center_crop", "letterbox"] = "center_crop",
         freeze: bool = True,
     ) -> None:
         super().__init__()
@@ -65,6 +70,7 @@ class HFCLIP(VisionEncoder):
             raise ParamError(f"select_layer {select_layer} is not a layer of a {layers}-layer tower",
                              param="select_layer", fix="use -2 (LLaVA's) or a layer index")
         self.select_layer = select_layer
+        self.center_crop = preprocess == "center_crop"
         self.out_dim = int(config.hidden_size)
         side = image_size // int(config.patch_size)
         self.grid_size = (side, side)
