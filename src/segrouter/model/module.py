@@ -41,6 +41,10 @@ from segrouter.routing.base import RoutingStrategy, TokenSequence, gather
 from segrouter.text import IMAGE_TOKEN, mask_token_names
 
 SPLITS = ("val", "test")
+# the semantic head predicts each vision-grid cell's labels on a 2×2 finer grid (then upsampled to the image):
+# in an exploration on the visref ViT this left an object's shape more linearly readable from its features than
+# per-cell logits did, as one head per attribute did against one over colour-shape pairs (benchmarks/vit_probe.py)
+SEMANTIC_SUBCELLS = 2
 
 
 class Encoded(NamedTuple):
@@ -52,10 +56,6 @@ class Encoded(NamedTuple):
     labels: torch.Tensor  # the LM targets, aligned with ``seq``
     mask_pos: torch.Tensor  # (B, K) positions of the mask tokens in ``seq``
     mask_features: torch.Tensor | None  # the mask encoder's output, when the compressor already needed it
-# the semantic head predicts each vision-grid cell's labels on a 2×2 finer grid (then upsampled to the image):
-# in an exploration on the visref ViT this left an object's shape more linearly readable from its features than
-# per-cell logits did, as one head per attribute did against one over colour-shape pairs (benchmarks/vit_probe.py)
-SEMANTIC_SUBCELLS = 2
 
 
 def visual_control(visual: VisualTokens, control: str) -> VisualTokens:
