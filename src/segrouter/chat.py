@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="the image to talk about first")
     p.add_argument("--out-dir", required=True, help="an empty or new folder for the masks of every turn")
     p.add_argument("--max-new-tokens", type=at_least(1), default=32, help="answer length limit")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda where there is one)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
 
 
@@ -46,21 +46,22 @@ def _out_dir(path: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from segrouter.predict import generate_masks, load_model, read_image, write_generated
 
-    stdin = sys.stdin
     out = _out_dir(args.out_dir)
     image_path = Path(args.image)
     image = read_image(image_path)  # before the (slow) build: a typo is one line, exit 2
-    device = checked_device(args.device)
+    device = checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, data = load_model(args.recipe, args.overrides, args.ckpt, device)
-    interactive = stdin.isatty()
+    interactive = sys.stdin.isatty()
     print(f"segrouter chat: {image_path} ({COMMANDS_HELP})", flush=True)
     turn = 0
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = stdin.readline()
+        line = sys.stdin.readline()
         if not line:
             return 0
         text = line.strip()
