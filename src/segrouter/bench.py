@@ -195,7 +195,8 @@ def _from_recipes(args: argparse.Namespace, cfgs: dict[str, Any], device: torch.
                   dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], dict[str, RoutingStrategy],
                                                dict[str, float], dict[str, Any]]:
     from segrouter.build import build
-    from segrouter.generate import ENCODER_INPUTS, generate, prompt_batch
+    from segrouter.datasets.base import ENCODER_INPUTS
+    from segrouter.generate import generate, prompt_batch
 
     runs, strategies, visual = {}, {}, {}
     for name, cfg in cfgs.items():

@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 
+from segrouter.datasets.base import ENCODER_INPUTS
 from segrouter.errors import SegrouterError
 from segrouter.routing.base import Kind, cache_kwargs, filling_cache
-
-ENCODER_INPUTS = ("content_hw", "mask_image", "mask_image_hw", "vision_image")  # a sample's per-image extras
 
 
 def prompt_batch(tokenizer: Any, image: torch.Tensor, expression: str, prompt: str,

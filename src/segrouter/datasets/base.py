@@ -24,6 +24,10 @@ from segrouter.images import BAD_IMAGE_ERRORS, center_crop, letterbox, letterbox
 
 log = logging.getLogger(__name__)
 
+# a sample's per-image tensors besides ``image``, which the data module and ``prompt_batch`` batch alike: the
+# letterbox's content size, the mask encoder's own input and its content size, the vision encoder's centre crop
+ENCODER_INPUTS = ("content_hw", "mask_image", "mask_image_hw", "vision_image")
+
 
 class ReferringImageDataset(Dataset):
     """Samples ``{image, mask, text, id}`` from real images, skipping unreadable ones.

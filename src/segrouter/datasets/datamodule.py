@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from segrouter.datasets.base import image_keys, shared_images
+from segrouter.datasets.base import ENCODER_INPUTS, image_keys, shared_images
 from segrouter.errors import DataError
 from segrouter.recipe import component
 from segrouter.registry import registry
@@ -132,15 +132,11 @@ class SegDataModule(L.LightningDataModule):
         }
         if all("semantic" in s for s in samples):  # per-pixel classes, where the dataset gives them
             batch["semantic"] = torch.stack([s["semantic"] for s in samples])
-        if all("content_hw" in s for s in samples):  # letterboxed real images: their size inside the padding
-            batch["content_hw"] = torch.stack([s["content_hw"] for s in samples])
+        for key in ENCODER_INPUTS:  # real images' letterbox sizes and the encoders' own inputs (sam_vit, hf_clip)
+            if all(key in s for s in samples):
+                batch[key] = torch.stack([s[key] for s in samples])
         if all("original_mask" in s for s in samples):  # for scoring at the original resolution (metrics.resolution)
             batch["original_mask"] = [s["original_mask"] for s in samples]
-        if all("vision_image" in s for s in samples):  # the vision encoder's centre crop (hf_clip, as LISA's CLIP)
-            batch["vision_image"] = torch.stack([s["vision_image"] for s in samples])
-        if all("mask_image" in s for s in samples):  # the mask encoder's own input (sam_vit, LISA's SAM at 1024)
-            batch["mask_image"] = torch.stack([s["mask_image"] for s in samples])
-            batch["mask_image_hw"] = torch.stack([s["mask_image_hw"] for s in samples])
         if all("ignore" in s for s in samples):  # pixels scoring leaves out (ReasonSeg)
             batch["ignore"] = torch.stack([s["ignore"] for s in samples])
             if all("original_ignore" in s for s in samples):

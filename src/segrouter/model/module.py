@@ -197,11 +197,9 @@ class SegmentationMLLM(L.LightningModule):
         mask_features = None
         if self.compressor.reads_sam_embedding:
             mask_features = self.decoder_features(batch, feats)
-            own = "mask_image" in batch and self.mask_encoder is not None and self.mask_encoder.input_size is not None
-            context = dataclasses.replace(
-                context, sam_embedding=mask_features, sam_image=batch["mask_image"] if own else images,
-                sam_image_hw=batch["mask_image_hw"] if own else None,  # the mask encoder resized the whole input
-            )
+            sam_image, sam_image_hw = self.mask_input(batch)
+            context = dataclasses.replace(context, sam_embedding=mask_features, sam_image=sam_image,
+                                          sam_image_hw=sam_image_hw)
         visual = self.compressor(feats, pixels, context)
         if self.cfg.model.blind_llm:
             visual = visual_control(visual, "blind")
@@ -254,9 +252,16 @@ class SegmentationMLLM(L.LightningModule):
             return mask_features
         if self.mask_encoder is None:
             return feats
-        if "mask_image" in batch and self.mask_encoder.input_size is not None:
-            return self.mask_encoder(batch["mask_image"], batch["mask_image_hw"])
-        return self.mask_encoder(batch["image"])
+        image, content_hw = self.mask_input(batch)
+        return self.mask_encoder(image) if content_hw is None else self.mask_encoder(image, content_hw)
+
+    def mask_input(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the mask encoder reads: its own letterbox of the original (``mask_image``) and the image's size
+        inside that padding, where the dataset gives one and the encoder reads one; else the model's input and
+        None (the encoder resizes the whole input, padding included)."""
+        if "mask_image" in batch and getattr(self.mask_encoder, "input_size", None) is not None:
+            return batch["mask_image"], batch["mask_image_hw"]
+        return batch["image"], None
 
     def name_tokens(self, batch: dict[str, Any], visual: VisualTokens
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
