@@ -1,10 +1,13 @@
-"""The vision-dependent benchmark (issue 12), end to end: for each seed, pretrain (recipes/visref_pretrain.yaml),
-train the testbed (recipes/visref.yaml) from that checkpoint and evaluate it on the test split, as is and with
-its visual tokens shuffled across the batch and zeroed; then train and evaluate the blind control
-(recipes/visref_blind.yaml: the same recipe with no visual tokens for the LLM). Stages run one after another
-with every core, each timed: the testbed pipeline (pretraining, testbed, its evaluations) is what the issue's
-30-minute budget applies to. Then write the table, the text-only and segment-everything reference levels and
-the acceptance checks into docs/results.md (between the "visref" markers).
+"""The vision-dependent benchmark (issue 12), end to end: for each seed, pretrain the ViT
+(recipes/visref_pretrain.yaml), train a fresh LLM, projector and mask path on the position forms from that
+checkpoint (recipes/visref_positions.yaml), go on from that model with the position and relation forms
+(recipes/visref.yaml: the testbed) and evaluate it on the test split, as is and with its visual tokens shuffled
+across the batch and zeroed; then train and evaluate the blind control through the same two stages
+(recipes/visref_positions_blind.yaml, recipes/visref_blind.yaml: the same recipes with no visual tokens for the
+LLM). Stages run one after another with every core, each timed: the testbed pipeline (pretraining, positions,
+testbed, its evaluations) is what the issue's 30-minute budget applies to. Then write the table, the text-only
+and segment-everything reference levels and the acceptance checks into docs/results.md (between the "visref"
+markers).
 
     python benchmarks/visref.py --out runs/visref --seeds 0 1 [key=value ...]
 
@@ -37,6 +40,7 @@ from segrouter.errors import SegrouterError  # noqa: E402
 
 BEGIN, END = "<!-- visref:begin -->", "<!-- visref:end -->"
 PRETRAIN, FULL, BLIND = "visref_pretrain", "visref", "visref_blind"
+POSITIONS = {FULL: "visref_positions", BLIND: "visref_positions_blind"}  # stage 2 of each, before FULL / BLIND
 CONTROLS = ("shuffle", "zero")
 
 
@@ -65,7 +69,7 @@ def best_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-PIPELINE = ("pretrain", "testbed", "testbed evaluations")  # the stages the 30-minute budget covers
+PIPELINE = ("pretrain", "positions", "testbed", "testbed evaluations")  # what the 30-minute budget covers
 
 
 def seed_runs(out: Path, seed: int) -> dict[str, list[Path]]:
@@ -93,8 +97,12 @@ def train_and_evaluate(out: Path, seed: int, overrides: list[str]) -> dict[str, 
 
     timed("pretrain", ("fit", "--recipe", f"recipes/{PRETRAIN}.yaml", *common, f"name={pretrain}", *overrides))
     for recipe, name, stage in ((FULL, full, "testbed"), (BLIND, blind, "blind")):
-        timed(stage, ("fit", "--recipe", f"recipes/{recipe}.yaml", *common, f"name={name}", f"init_from={init}",
-                      *overrides))
+        first = f"{POSITIONS[recipe]}_s{seed}"
+        timed("positions" if recipe == FULL else "blind positions",
+              ("fit", "--recipe", f"recipes/{POSITIONS[recipe]}.yaml", *common, f"name={first}",
+               f"init_from={init}", *overrides))
+        timed(stage, ("fit", "--recipe", f"recipes/{recipe}.yaml", *common, f"name={name}",
+                      f"init_from={version(out, first, 0) / 'checkpoints' / 'last.ckpt'}", *overrides))
         test = ("test", "--recipe", f"recipes/{recipe}.yaml", *common, f"name={name}", "--ckpt",
                 str(best_checkpoint(version(out, name, 0))), *overrides)
         controls = CONTROLS if recipe == FULL else ()
@@ -205,7 +213,7 @@ def table(command: str, seeds: list[int], runs: dict[int, dict[str, list[Path]]]
     timed = [s for s in seeds if all(k in minutes.get(s, {}) for k in PIPELINE)]
     if timed:
         longest = max(sum(minutes[s][k] for k in PIPELINE) for s in timed)
-        checks.append((f"testbed pipeline (pretraining, testbed, its evaluations) ≤ 30 min per seed "
+        checks.append((f"testbed pipeline (pretraining, positions, testbed, its evaluations) ≤ 30 min per seed "
                        f"(longest: {longest:.1f} min)", longest <= 30))  # noqa: ISC004
     times = "; ".join(f"seed {s}: " + ", ".join(_stage_time(k, v) for k, v in minutes[s].items())
                       for s in seeds if s in minutes) or "not recorded"

@@ -29,12 +29,20 @@ def test_the_driver_runs_every_stage_and_writes_the_section(tmp_path: Path) -> N
                 "testbed, tokens zeroed | zero | 0", "trained blind (no visual tokens) | blind | 1", "mean ± std | 2"):
         assert row in text, row
     assert "| acceptance check (issue 12) | met |" in text and "best text-only guess of the name" in text
-    assert "| testbed pipeline (pretraining, testbed, its evaluations) ≤ 30 min per seed (longest: " in text
+    assert "| testbed pipeline (pretraining, positions, testbed, its evaluations) ≤ 30 min per seed (longest: " in text
     assert "seed 1: load average at start " in text and ", testbed evaluations " in text and ", blind " in text
+    assert ", positions " in text and ", blind positions " in text
     runs = tmp_path / "runs"
     assert (runs / "visref_pretrain_s1" / "version_0" / "checkpoints" / "last.ckpt").exists()
     assert "control: shuffle" in (runs / "visref_s0" / "version_2" / "recipe.yaml").read_text()
-    assert "blind_llm: true" in (runs / "visref_blind_s0" / "version_0" / "recipe.yaml").read_text()
+    # each stage 3 starts from its own stage 2 (position forms only), the blind one blind throughout
+    for name, blind in (("visref", False), ("visref_blind", True)):
+        first = runs / f"{name.replace('visref', 'visref_positions')}_s0" / "version_0"
+        stage2 = (first / "recipe.yaml").read_text()
+        stage3 = (runs / f"{name}_s0" / "version_0" / "recipe.yaml").read_text()
+        assert "- position\n" in stage2 and "- relation\n" not in stage2 and "- relation\n" in stage3
+        assert f"init_from: {first / 'checkpoints' / 'last.ckpt'}" in stage3
+        assert ("blind_llm: true" in stage2) == ("blind_llm: true" in stage3) == blind
 
     rebuilt = _driver("--out", str(runs), "--seeds", "0", "1", "--doc", str(doc), "--table-only", *TOY)
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]

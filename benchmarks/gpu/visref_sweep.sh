@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Exploration of the vision-dependent testbed's stage 2 on a GPU (docs/results.md, "Vision-dependent
-# benchmark"): many short `segrouter fit` runs of recipes/visref.yaml at once, one process each, from the
-# stage-1 checkpoints of runs/visref (carried to the device), to find settings under which the reading of the
-# visual tokens takes off early and for every seed. Exploration only: every acceptance figure is measured on
-# CPU with benchmarks/visref.py.
+# benchmark"): many short `segrouter fit` runs of recipes/visref_positions.yaml (or RECIPE, another recipe that
+# starts from stage 1) at once, one process each, from the stage-1 checkpoints of runs/visref (carried to the
+# device), to find settings under which the reading of the visual tokens takes off early and for every seed.
+# Exploration only: every acceptance figure is measured on CPU with benchmarks/visref.py.
 # Usage: bash benchmarks/gpu/visref_sweep.sh OUT_DIR SECONDS CONFIG...   where CONFIG is
 #   label:key=value,key=value   (label alone: the recipe as committed). Each CONFIG runs for seeds 0 and 1
 # and is stopped after SECONDS; OUT_DIR/sweep.tgz holds every run's metrics.csv and log (one file: the device
@@ -34,7 +34,7 @@ for spec in "$@"; do
   for seed in 0 1; do
     ckpt=$pretrain/visref_pretrain_s$seed/version_0/checkpoints/last.ckpt
     mkdir -p "$work/${label}_s$seed"
-    timeout -s TERM -k 20 "$seconds" python3 -m segrouter.cli fit --recipe recipes/visref.yaml \
+    timeout -s TERM -k 20 "$seconds" python3 -m segrouter.cli fit --recipe "recipes/${RECIPE:-visref_positions}.yaml" \
       output_dir=$work name="${label}_s$seed" seed=$seed init_from=$ckpt trainer.accelerator=${ACCEL:-gpu} \
       trainer.enable_progress_bar=false "${overrides[@]}" > "$work/${label}_s$seed/log.txt" 2>&1 &
     pids+=($!)
