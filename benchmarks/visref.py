@@ -40,7 +40,7 @@ from segrouter.errors import SegrouterError  # noqa: E402
 
 BEGIN, END = "<!-- visref:begin -->", "<!-- visref:end -->"
 PRETRAIN, FULL, BLIND = "visref_pretrain", "visref", "visref_blind"
-POSITIONS = {FULL: "visref_positions", BLIND: "visref_positions_blind"}  # stage 2 of each, before FULL / BLIND
+POSITIONS, BLIND_POSITIONS = "visref_positions", "visref_positions_blind"  # stage 2, before FULL / BLIND
 CONTROLS = ("shuffle", "zero")
 
 
@@ -69,6 +69,11 @@ def best_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
+def last_checkpoint(out: Path, name: str) -> Path:
+    """A training run's final weights: what the next stage starts from."""
+    return version(out, name, 0) / "checkpoints" / "last.ckpt"
+
+
 PIPELINE = ("pretrain", "positions", "testbed", "testbed evaluations")  # what the 30-minute budget covers
 
 
@@ -85,9 +90,8 @@ def train_and_evaluate(out: Path, seed: int, overrides: list[str]) -> dict[str, 
     """Every run of one seed (into the folders of :func:`seed_runs`); the minutes each stage took, with the
     1-minute load average before the first, to show whether the machine was idle."""
     common = [f"output_dir={out}", f"seed={seed}", "trainer.enable_progress_bar=false"]
-    pretrain, full, blind = (f"{n}_s{seed}" for n in (PRETRAIN, FULL, BLIND))
+    pretrain = f"{PRETRAIN}_s{seed}"
     minutes: dict[str, float] = {"load average at start": os.getloadavg()[0]}
-    init = version(out, pretrain, 0) / "checkpoints" / "last.ckpt"
 
     def timed(stage: str, *commands: tuple[str, ...]) -> None:
         t0 = time.perf_counter()
@@ -96,13 +100,13 @@ def train_and_evaluate(out: Path, seed: int, overrides: list[str]) -> dict[str, 
         minutes[stage] = (time.perf_counter() - t0) / 60
 
     timed("pretrain", ("fit", "--recipe", f"recipes/{PRETRAIN}.yaml", *common, f"name={pretrain}", *overrides))
-    for recipe, name, stage in ((FULL, full, "testbed"), (BLIND, blind, "blind")):
-        first = f"{POSITIONS[recipe]}_s{seed}"
-        timed("positions" if recipe == FULL else "blind positions",
-              ("fit", "--recipe", f"recipes/{POSITIONS[recipe]}.yaml", *common, f"name={first}",
-               f"init_from={init}", *overrides))
+    for first_recipe, first_stage, recipe, stage in ((POSITIONS, "positions", FULL, "testbed"),
+                                                     (BLIND_POSITIONS, "blind positions", BLIND, "blind")):
+        first, name = f"{first_recipe}_s{seed}", f"{recipe}_s{seed}"
+        timed(first_stage, ("fit", "--recipe", f"recipes/{first_recipe}.yaml", *common, f"name={first}",
+                            f"init_from={last_checkpoint(out, pretrain)}", *overrides))
         timed(stage, ("fit", "--recipe", f"recipes/{recipe}.yaml", *common, f"name={name}",
-                      f"init_from={version(out, first, 0) / 'checkpoints' / 'last.ckpt'}", *overrides))
+                      f"init_from={last_checkpoint(out, first)}", *overrides))
         test = ("test", "--recipe", f"recipes/{recipe}.yaml", *common, f"name={name}", "--ckpt",
                 str(best_checkpoint(version(out, name, 0))), *overrides)
         controls = CONTROLS if recipe == FULL else ()
