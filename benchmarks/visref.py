@@ -44,17 +44,20 @@ POSITIONS, BLIND_POSITIONS = "visref_positions", "visref_positions_blind"  # sta
 CONTROLS = ("shuffle", "zero")
 
 
-def _command(args: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+def _command(args: tuple[str, ...], threads: int | None = None) -> tuple[list[str], dict[str, str]]:
     cmd = ["segrouter", *args]
     print("$ " + shlex.join(cmd), flush=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("SEGROUTER_RUN_VERSION", None)
+    if threads is not None:  # commands side by side: each on its share of the cores
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return cmd, env
 
 
-def run(*args: str) -> None:
-    """One segrouter command, echoed; a failure stops the benchmark (its own message is the last line)."""
-    cmd, env = _command(args)
+def run(*args: str, threads: int | None = None) -> None:
+    """One segrouter command, echoed; a failure stops the benchmark (its own message is the last line). With
+    ``threads``, the command's math runs on that many threads."""
+    cmd, env = _command(args, threads)
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
 
 

@@ -48,27 +48,45 @@ def test_the_driver_runs_every_stage_and_writes_the_section(tmp_path: Path) -> N
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
     assert doc.read_text().count("<!-- visref:begin -->") == 1
 
-    # the method study on the toy testbeds (benchmarks/visref_study.py): training-free and fine-tuned arms
-    doc.write_text(doc.read_text() + "\n<!-- visref-study:begin -->\n<!-- visref-study:end -->\n")
+    # the method study on the toy testbeds (benchmarks/visref_study.py): training-free and fine-tuned arms, a
+    # routing strategy and a compressor, two seeds side by side
+    doc.write_text(doc.read_text() + "\n<!-- visref-study:begin -->\n<!-- visref-study:end -->\n"
+                   "<!-- visref-study-tf:begin -->\n<!-- visref-study-tf:end -->\n")
     study = subprocess.run([sys.executable, "benchmarks/visref_study.py", "--runs", str(runs), "--out",
-                            str(tmp_path / "study"), "--seeds", "0", "1", "--arms", "token_routing", "--steps", "2",
-                            "--doc", str(doc), *TOY[1:]], capture_output=True, text=True, cwd=ROOT, timeout=900)
+                            str(tmp_path / "study"), "--seeds", "0", "1", "--jobs", "2", "--arms", "token_routing",
+                            "avgpool, ¼", "--steps", "2", "--doc", str(doc), *TOY[1:]],
+                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert study.returncode == 0, study.stderr[-3000:]
     text = doc.read_text()
-    assert "| full | 1.000 | " in text and "| token_routing (route_start=0, proxy_ratio=0.125) | 0." in text
-    assert "--arms full token_routing --steps 2" in text
+    assert "| full | 1 | 1.000 | 1.000 | 64.0 | " in text
+    assert "| token_routing (route_start=0, proxy_ratio=0.125) | ½ FLOPs | 0." in text
+    assert "| 0.497 | 64.0 | " in text  # the recipe's knobs at the LLaMA-7B shape
+    assert "| avgpool, ¼ (k=2) | ¼ tokens | 0." in text and "| 16.0 | — (new compressor) | " in text
+    assert "--arms full token_routing 'avgpool, ¼' --steps 2" in text and "![Pareto" in text
+    assert "| token_routing | " in text.split("Where the image tokens")[1]  # the placement table
+    assert (tmp_path / "visref_study.png").stat().st_size > 0
     tuned = (tmp_path / "study" / "ft_token_routing_s1" / "version_0" / "recipe.yaml").read_text()
     assert "init_modules: []" in tuned and "max_steps: 2" in tuned and "name: token_routing" in tuned
+    pooled = (tmp_path / "study" / "ft_avgpool-q_s0" / "version_0" / "recipe.yaml").read_text()
+    assert "- llm\n" in pooled and "- compressor\n" not in pooled  # a new compressor: not from the testbed
+    assert not (tmp_path / "study" / "tf_avgpool-q_s0").exists()
     assert "training_free: true" in (tmp_path / "study" / "tf_full_s0" / "version_0" / "recipe.yaml").read_text()
+    assert (tmp_path / "study" / "ft_token_routing_s0" / "tokens" / "tokens.json").is_file()
     free = subprocess.run([sys.executable, "benchmarks/visref_study.py", "--runs", str(runs), "--out",
                            str(tmp_path / "study_tf"), "--seeds", "0", "1", "--arms", "token_routing",
                            "--training-free-only", "--doc", str(doc), *TOY[1:]],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert free.returncode == 0, free.stderr[-3000:]
-    text = doc.read_text()
-    assert "| training-free cIoU | training-free name_acc |" in text and "--training-free-only" in text
-    assert "| token_routing (route_start=0, proxy_ratio=0.125) | 0." in text
+    section = doc.read_text().split("<!-- visref-study-tf:begin -->")[1]
+    assert "| training-free cIoU | training-free name_acc |" in section and "--training-free-only" in section
+    assert "| token_routing (route_start=0, proxy_ratio=0.125) | ½ FLOPs | 0." in section
     assert not list((tmp_path / "study_tf").glob("ft_*"))  # no fine-tune ran
+    # a study cut off goes on where it stopped: every run is complete, so nothing is rerun
+    again = subprocess.run([sys.executable, "benchmarks/visref_study.py", "--runs", str(runs), "--out",
+                            str(tmp_path / "study"), "--seeds", "0", "1", "--arms", "token_routing", "avgpool, ¼",
+                            "--steps", "2", "--doc", str(doc), *TOY[1:]],
+                           capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert again.returncode == 0 and "$ segrouter" not in again.stdout, again.stderr[-3000:]
 
 
 def test_the_study_refuses_an_unknown_arm_in_one_line(tmp_path: Path) -> None:
