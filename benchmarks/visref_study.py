@@ -92,6 +92,9 @@ ARMS: dict[str, Arm] = {
     "token_routing": Arm(HALF, TOKEN_ROUTING),
     "token_routing, random assignment": Arm(HALF, (*TOKEN_ROUTING, "model.routing.assignment=random")),
     "token_routing, zero projector": Arm(HALF, (*TOKEN_ROUTING, "model.routing.projector=zero")),
+    # what the late [SEG] insertion alone costs: the same parameters with no layer routed (not a budget: a
+    # diagnostic, 0.99 of full's FLOPs)
+    "token_routing, no routed layer": Arm("diagnostic", (*TOKEN_ROUTING, "model.routing.route_layers=[]")),
     # issue 14: the projector reading the routed token's own normalised state beside the proxy's update
     "token_routing, delta_token": Arm(HALF, (*TOKEN_ROUTING, "model.routing.projector_input=delta_token")),
     "fastv": Arm(HALF, ("model.routing.name=fastv", "model.routing.k=1", "model.routing.ratio=0.85")),
@@ -378,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                 done.result()
     chosen = [] if set(arms) == set(ARMS) else ["--arms", *arms]
     tuning = ["--training-free-only"] if args.training_free_only else ["--steps", str(args.steps), "--lr", str(args.lr)]
+    jobs = ["--jobs", str(args.jobs)] if args.jobs > 1 else []  # threads per run: part of how the runs were made
     command = shlex.join(["python", "benchmarks/visref_study.py", "--runs", args.runs, "--seeds",
-                          *map(str, args.seeds), *chosen, *tuning, *args.overrides])
+                          *map(str, args.seeds), *jobs, *chosen, *tuning, *args.overrides])
     if args.training_free_only:
         text = training_free_table(out, args.seeds, arms, command, args.overrides)
     else:
