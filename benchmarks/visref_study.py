@@ -95,6 +95,8 @@ ARMS: dict[str, Arm] = {
     # what the late [SEG] insertion alone costs: the same parameters with no layer routed (not a budget: a
     # diagnostic, 0.99 of full's FLOPs)
     "token_routing, no routed layer": Arm("diagnostic", (*TOKEN_ROUTING, "model.routing.route_layers=[]")),
+    # and what the routing alone costs: [SEG] (and the text after it) in every layer, the same proxies
+    "token_routing, insert at 0": Arm(HALF, (*TOKEN_ROUTING, "model.routing.insert_layer=0")),
     # issue 14: the projector reading the routed token's own normalised state beside the proxy's update
     "token_routing, delta_token": Arm(HALF, (*TOKEN_ROUTING, "model.routing.projector_input=delta_token")),
     "fastv": Arm(HALF, ("model.routing.name=fastv", "model.routing.k=1", "model.routing.ratio=0.85")),
