@@ -97,6 +97,10 @@ ARMS: dict[str, Arm] = {
     "token_routing, no routed layer": Arm("diagnostic", (*TOKEN_ROUTING, "model.routing.route_layers=[]")),
     # and what the routing alone costs: [SEG] (and the text after it) in every layer, the same proxies
     "token_routing, insert at 0": Arm(HALF, (*TOKEN_ROUTING, "model.routing.insert_layer=0")),
+    "token_routing, insert at 0, random assignment": Arm(HALF, (*TOKEN_ROUTING, "model.routing.insert_layer=0",
+                                                              "model.routing.assignment=random")),
+    "token_routing, insert at 0, zero projector": Arm(HALF, (*TOKEN_ROUTING, "model.routing.insert_layer=0",
+                                                           "model.routing.projector=zero")),
     # issue 14: the projector reading the routed token's own normalised state beside the proxy's update
     "token_routing, delta_token": Arm(HALF, (*TOKEN_ROUTING, "model.routing.projector_input=delta_token")),
     "fastv": Arm(HALF, ("model.routing.name=fastv", "model.routing.k=1", "model.routing.ratio=0.85")),
