@@ -125,7 +125,9 @@ ARMS: dict[str, Arm] = {
     "superpixels, ¼": Arm(QUARTER_TOKENS, ("model.compressor.name=slic_superpixel",
                                            "model.compressor.n_segments=16")),
 }
-CONTROLS = ("token_routing, random assignment", "token_routing, zero projector")
+# token routing's negative controls: each (control, the arm it is paired with)
+CONTROLS = [(f"{arm}, {control}", arm) for arm in ("token_routing", "token_routing, insert at 0")
+            for control in ("random assignment", "zero projector")]
 
 
 def _slug(arm: str) -> str:
@@ -282,8 +284,8 @@ def table(rows: dict[str, Row], seeds: list[int], command: str, plot: Path) -> s
                      f"{r.tokens:.1f} | {mean_std(r.free) if r.free else '— (new compressor)'} | "
                      f"{mean_std(r.tuned['ciou'])} | {mean_std(r.tuned['giou'])} | {mean_std(r.tuned['name_acc'])} | "
                      f"{'—' if r.name == 'full' else _paired(r.diff)} |")
-    controls = [f"- {c} − token_routing, fine-tuned: {_paired(_minus(rows[c].diff, rows['token_routing'].diff))} "
-                "cIoU points" for c in CONTROLS if c in rows and "token_routing" in rows]
+    controls = [f"- {c} − {arm}, fine-tuned: {_paired(_minus(rows[c].diff, rows[arm].diff))} cIoU points"
+                for c, arm in CONTROLS if c in rows and arm in rows]
     parts = [f"Regenerate with `{command}`.", "\n".join(lines),
              f"Seeds {', '.join(map(str, seeds))}; mean ± std over them. A difference marked * exceeds the spread "
              "(its mean is more than two standard errors from zero, paired by seed).",
@@ -311,27 +313,27 @@ def placement_table(rows: dict[str, Row]) -> str:
 
 
 def pareto_plot(rows: dict[str, Row], path: Path) -> None:
-    """Fine-tuned test cIoU (mean, error bar ± std over seeds) against LLM FLOPs / full, one marker per arm;
-    hollow markers: training-free."""
+    """Fine-tuned test cIoU (mean, error bar ± std over seeds) against LLM FLOPs / full, one colour per arm
+    named in the legend (circles: routing, squares: compressors); hollow markers: training-free."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 5))
+    fig = Figure(figsize=(10, 5.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for r in rows.values():
-        marker = "s" if ARMS[r.name].compressor else "o"
-        bar = ax.errorbar([r.flops], [statistics.mean(r.tuned["ciou"])], yerr=[_std(r.tuned["ciou"])], fmt=marker,
-                          capsize=3)
+    colours = colormaps["tab20"]
+    for i, r in enumerate(rows.values()):
+        style = {"fmt": "s" if ARMS[r.name].compressor else ("o" if i < 20 else "D"), "color": colours(i % 20),
+                 "capsize": 3}
+        ax.errorbar([r.flops], [statistics.mean(r.tuned["ciou"])], yerr=[_std(r.tuned["ciou"])], label=r.name,
+                    **style)
         if r.free:
-            ax.errorbar([r.flops], [statistics.mean(r.free)], yerr=[_std(r.free)], fmt=marker, mfc="none",
-                        color=bar[0].get_color(), capsize=2, alpha=0.6)
-        ax.annotate(r.name, (r.flops, statistics.mean(r.tuned["ciou"])), textcoords="offset points",
-                    xytext=(4, 3), fontsize=7)
+            ax.errorbar([r.flops], [statistics.mean(r.free)], yerr=[_std(r.free)], mfc="none", alpha=0.6, **style)
     ax.set_xlabel("LLM FLOPs / full (testbed)")
     ax.set_ylabel("test cIoU (filled: fine-tuned, hollow: training-free; ± std over seeds)")
-    ax.set_title("Method study on the vision-dependent testbed (circles: routing, squares: compressors)",
-                 fontsize=9)
+    ax.set_title("Method study on the vision-dependent testbed", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
