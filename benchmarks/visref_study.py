@@ -1,6 +1,7 @@
 """The method study on the vision-dependent testbed (issue 13): every routing strategy and compressor at two
-matched budgets, token routing's two negative controls, and ``full`` itself, each started from the same
-trained testbed checkpoint of each seed and measured twice:
+matched budgets, token routing's two negative controls, two arms that take token routing's two rules apart
+(late ``[SEG]`` insertion alone, routing alone, the latter with its own controls), and ``full`` itself, each
+started from the same trained testbed checkpoint of each seed and measured twice:
 
 * *training-free*: ``segrouter test --training-free`` on that checkpoint (new parameters keep their
   initialisation: token routing's projector passes the proxy's FFN update through, MoD's routers are zero).
@@ -61,6 +62,9 @@ TESTBED_TOKENS, SHAPE, SHAPE_TOKENS = 64, "llama-7b", 576
 CARRIED = ("vision", "llm", "mask_encoder", "mask_decoder", "text_proj")
 
 
+NAMED = ("name", "assignment", "projector", "routed", "projector_input")  # knobs an arm's name says
+
+
 @dataclass(frozen=True)
 class Arm:
     """One row of the study: its budget (the share of ``full``'s LLM FLOPs, or of its visual tokens for a
@@ -77,9 +81,6 @@ class Arm:
         """``name (knob=value, ...)``: the knobs that set the budget (the controls' switches are in the name)."""
         shown = [k.split(".", 2)[2] for k in self.knobs if k.split("=")[0].rsplit(".", 1)[1] not in NAMED]
         return f"{name} ({', '.join(shown)})" if shown else name
-
-
-NAMED = ("name", "assignment", "projector", "routed", "projector_input")  # knobs an arm's name says
 
 
 # the parameters of recipes/lisa7b_token_routing.yaml (depth fractions carry over to LLaMA-7B)
@@ -114,6 +115,8 @@ ARMS: dict[str, Arm] = {
     "mod, ¼": Arm(QUARTER, ("model.routing.name=mod", "model.routing.route_layers=all",
                             "model.routing.capacity=0.1")),
     "token_routing, whole layer, ¼": Arm(QUARTER, (*TOKEN_ROUTING, "model.routing.routed=layer")),
+    "token_routing, whole layer, insert at 0, ¼": Arm(QUARTER, (*TOKEN_ROUTING, "model.routing.routed=layer",
+                                                               "model.routing.insert_layer=0")),
     # compressors at half (32) and a quarter (16) of the 64 visual tokens; superpixels from SLIC (no SAM
     # weights here), their count varies per image around the asked one
     "resampler": Arm(HALF_TOKENS, ("model.compressor.name=resampler", "model.compressor.num_queries=32")),

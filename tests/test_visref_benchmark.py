@@ -98,6 +98,15 @@ def test_the_study_refuses_an_unknown_arm_in_one_line(tmp_path: Path) -> None:
     assert proc.stderr.startswith("visref_study.py: error: unknown arm 'fastvv' — choose from 'full', ")
 
 
+def test_the_study_refuses_no_parallel_job_in_one_line(tmp_path: Path) -> None:
+    doc = tmp_path / "results.md"
+    doc.write_text("<!-- visref-study:begin -->\n<!-- visref-study:end -->\n")
+    proc = subprocess.run([sys.executable, "benchmarks/visref_study.py", "--runs", str(tmp_path), "--doc", str(doc),
+                           "--jobs", "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "visref_study.py: error: --jobs 0 must be at least 1"]
+
+
 def test_one_seed_is_refused_in_one_line(tmp_path: Path) -> None:
     proc = _driver("--out", str(tmp_path), "--seeds", "0")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
