@@ -42,9 +42,10 @@ from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEnc
 
 from segrouter.errors import ParamError, SegrouterError
 from segrouter.superpixels.regions import merge_regions
+from segrouter.vision_encoders.sam_vit import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255.0
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255.0
+_MEAN = torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1) * 255.0
+_STD = torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1) * 255.0
 _RANDOM_SEED = 0
 
 

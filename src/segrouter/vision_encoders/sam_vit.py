@@ -26,8 +26,10 @@ from segrouter.errors import ParamError, check_min
 from segrouter.registry import register
 from segrouter.vision_encoders.base import VisionEncoder
 
-_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)  # SAM's pixel mean and std, for images in [0, 1]
-_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+# SAM's pixel mean and std (ImageNet's: 123.675, 116.28, 103.53 and 58.395, 57.12, 57.375 on 0..255), for
+# images in [0, 1]; the superpixel generator's SAM pass normalises with them too
+SAM_PIXEL_MEAN = (0.485, 0.456, 0.406)
+SAM_PIXEL_STD = (0.229, 0.224, 0.225)
 
 
 @register("vision_encoder", "sam_vit")
@@ -71,7 +73,7 @@ class SamViT(VisionEncoder):
         self.out_dim = int(config.output_channels)
         side = self.input_size // int(config.patch_size)
         self.grid_size = (side, side)
-        self.set_normalisation(_MEAN, _STD)
+        self.set_normalisation(SAM_PIXEL_MEAN, SAM_PIXEL_STD)
         if freeze:
             self.encoder.requires_grad_(False)
 
