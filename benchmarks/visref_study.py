@@ -137,6 +137,26 @@ def _slug(arm: str) -> str:
     return arm.replace(", ", "-").replace(" ", "_").replace("¼", "q")
 
 
+def _folder(out: Path, prefix: str, arm: str, seed: int) -> Path:
+    """One arm's folder for one seed: ``tf_…`` holds its training-free test (version_0); ``ft_…`` its
+    fine-tune (version_0), then the tuned model's test (version_1) and ``tokens/`` (analyze tokens)."""
+    return out / f"{prefix}_{_slug(arm)}_s{seed}"
+
+
+def _test_run(out: Path, prefix: str, arm: str, seed: int) -> Path:
+    """The run folder of an arm's test (``prefix`` ``tf`` or ``ft``): where its scores are logged."""
+    return _folder(out, prefix, arm, seed) / ("version_0" if prefix == "tf" else "version_1")
+
+
+def _placement(out: Path, arm: str, seed: int) -> Path:
+    """``analyze tokens``' JSON of an arm's fine-tuned model."""
+    return _folder(out, "ft", arm, seed) / "tokens" / "tokens.json"
+
+
+def _scores(out: Path, prefix: str, arm: str, seed: int) -> dict[str, float]:
+    return summarize(_test_run(out, prefix, arm, seed)).values
+
+
 def _tested(run_dir: Path) -> bool:
     return summarize(run_dir).values.get("test/ciou") is not None
 
@@ -159,23 +179,24 @@ def evaluate(runs: Path, out: Path, seed: int, arms: list[str], steps: int, lr: 
     common = ("--recipe", RECIPE, f"output_dir={out}", f"seed={seed}", "trainer.enable_progress_bar=false")
     for name in arms:
         arm = ARMS[name]
-        free = out / f"tf_{_slug(name)}_s{seed}" / "version_0"
+        free = _test_run(out, "tf", name, seed)
         if not arm.compressor and _to_run(free.parent, _tested(free)):
             run("test", *common, f"name={free.parent.name}", "--ckpt", ckpt, "--training-free", *arm.knobs,
                 *overrides, threads=threads)
         if not tune:
             continue
-        tuned = out / f"ft_{_slug(name)}_s{seed}"
+        tuned, tested = _folder(out, "ft", name, seed), _test_run(out, "ft", name, seed)
         if _to_run(tuned, (tuned / "version_0" / "checkpoints").is_dir()):
             carried = f"init_modules=[{','.join(CARRIED)}]" if arm.compressor else "init_modules=[]"
             run("fit", *common, f"name={tuned.name}", f"init_from={ckpt}", carried, f"trainer.max_steps={steps}",
                 f"trainer.val_check_interval={steps}", f"optim.lr={lr}", "optim.warmup_steps=20", *arm.knobs,
                 *overrides, threads=threads)
         best = str(best_checkpoint(tuned / "version_0"))
-        if _to_run(tuned / "version_1", _tested(tuned / "version_1")):
+        if _to_run(tested, _tested(tested)):
             run("test", *common, f"name={tuned.name}", "--ckpt", best, *arm.knobs, *overrides, threads=threads)
-        if not arm.compressor and not (tuned / "tokens" / "tokens.json").is_file():
-            run("analyze", "tokens", "--recipe", RECIPE, "--ckpt", best, "--out", str(tuned / "tokens"),
+        placement = _placement(out, name, seed)
+        if not arm.compressor and not placement.is_file():
+            run("analyze", "tokens", "--recipe", RECIPE, "--ckpt", best, "--out", str(placement.parent),
                 f"seed={seed}", *arm.knobs, *overrides, threads=threads)
 
 
@@ -208,10 +229,9 @@ def exceeds_spread(values: list[float]) -> bool:
 def complete(out: Path, seeds: list[int], arms: list[str], tune: bool = True) -> list[str]:
     """The arms with every seed's runs in ``out`` (``full`` first: every difference is to it)."""
     def done(name: str, seed: int) -> bool:
-        free = ARMS[name].compressor or _tested(out / f"tf_{_slug(name)}_s{seed}" / "version_0")
-        tuned = out / f"ft_{_slug(name)}_s{seed}"
-        analysed = ARMS[name].compressor or (tuned / "tokens" / "tokens.json").is_file()
-        return free and (not tune or (_tested(tuned / "version_1") and analysed))
+        free = ARMS[name].compressor or _tested(_test_run(out, "tf", name, seed))
+        analysed = ARMS[name].compressor or _placement(out, name, seed).is_file()
+        return free and (not tune or (_tested(_test_run(out, "ft", name, seed)) and analysed))
 
     ready = [a for a in arms if all(done(a, s) for s in seeds)]
     if "full" not in ready:
@@ -222,14 +242,11 @@ def complete(out: Path, seeds: list[int], arms: list[str], tune: bool = True) ->
 
 def training_free_table(out: Path, seeds: list[int], arms: list[str], command: str, overrides: list[str]) -> str:
     """The training-free half alone: each routing arm applied to the trained testbed, against the testbed."""
-    def test(arm: str, seed: int) -> dict[str, float]:
-        return summarize(out / f"tf_{_slug(arm)}_s{seed}" / "version_0").values
-
     rows = ["| arm (knobs) | budget | LLM FLOPs / full | at LLaMA-7B | training-free cIoU | training-free name_acc "
             "| − full (cIoU points, paired by seed) |", "|---|---|---:|---:|---:|---:|---:|"]
-    full = {s: test("full", s) for s in seeds}
+    full = {s: _scores(out, "tf", "full", s) for s in seeds}
     for arm in (a for a in complete(out, seeds, arms, tune=False) if not ARMS[a].compressor):
-        free = {s: test(arm, s) for s in seeds}
+        free = {s: _scores(out, "tf", arm, s) for s in seeds}
         ratio = statistics.mean(free[s]["llm_flops"] / full[s]["llm_flops"] for s in seeds)
         diff = [100 * (free[s]["test/ciou"] - full[s]["test/ciou"]) for s in seeds]
         rows.append(f"| {ARMS[arm].label(arm)} | {ARMS[arm].budget} | {ratio:.3f} | "
@@ -255,25 +272,21 @@ class Row:
 
 
 def collect(out: Path, seeds: list[int], arms: list[str], overrides: list[str]) -> dict[str, Row]:
-    def test(prefix: str, arm: str, seed: int) -> dict[str, float]:
-        k = 0 if prefix == "tf" else 1  # a fine-tune's test run follows its training run in the same folder
-        return summarize(out / f"{prefix}_{_slug(arm)}_s{seed}" / f"version_{k}").values
-
-    full = {s: test("ft", "full", s) for s in seeds}
+    full = {s: _scores(out, "ft", "full", s) for s in seeds}
     rows: dict[str, Row] = {}
     for arm in complete(out, seeds, arms):
-        tuned = {s: test("ft", arm, s) for s in seeds}
+        tuned = {s: _scores(out, "ft", arm, s) for s in seeds}
         tokens = statistics.mean(tuned[s]["visual_tokens"] for s in seeds)
         rows[arm] = Row(
             name=arm,
             flops=statistics.mean(tuned[s]["llm_flops"] / full[s]["llm_flops"] for s in seeds),
             shape_flops=shape_ratio(out, arm, tokens, overrides),
             tokens=tokens,
-            free=[] if ARMS[arm].compressor else [test("tf", arm, s)["test/ciou"] for s in seeds],
+            free=[] if ARMS[arm].compressor else [_scores(out, "tf", arm, s)["test/ciou"] for s in seeds],
             tuned={m: [tuned[s][f"test/{m}"] for s in seeds] for m in ("ciou", "giou", "name_acc")},
             diff=[100 * (tuned[s]["test/ciou"] - full[s]["test/ciou"]) for s in seeds],
-            placement=[] if ARMS[arm].compressor else [
-                json.loads((out / f"ft_{_slug(arm)}_s{s}" / "tokens" / "tokens.json").read_text()) for s in seeds],
+            placement=[] if ARMS[arm].compressor else [json.loads(_placement(out, arm, s).read_text())
+                                                        for s in seeds],
         )
     return rows
 
